@@ -47,7 +47,7 @@ def slstm_recurrent_step(
     new = (h_new, c_new, n_new, m_new)
     if mask is not None:
         keep = mask[:, None, None]
-        new = tuple(torch.where(keep, a, b) for a, b in zip(new, state))
+        new = tuple(torch.where(keep, a, b) for a, b in zip(new, state, strict=True))
     return new[0], new
 
 

@@ -1,0 +1,677 @@
+"""xLSTM models for transformers: the paper's mLSTM/sLSTM stacks and the xLSTM-7B stack.
+
+Reading order: norms, conv, projections, mLSTM layers, sLSTM layer, feed-forward, blocks, cache, PreTrainedModel,
+xLSTMModel, xLSTMForCausalLM. `mlstm_sequence` / `slstm_sequence` are the one place where kernel and reference are
+chosen. Every tensor inside a layer is [B, S, D] (residual stream) or [B, NH, S, DH] (heads).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput, logging
+
+from .configuration_xlstm import xLSTMConfig
+from .mlstm_naive import (
+    MASKED_IGATE,
+    MLSTMState,
+    empty_state,
+    mlstm_chunkwise,
+    mlstm_parallel,
+    mlstm_recurrent,
+    mlstm_recurrent_step,
+)
+from .slstm_naive import SLSTMState, slstm_recurrent
+
+logger = logging.get_logger(__name__)
+
+# Forget-gate pre-activation of a padded position: logsigmoid(1e4) == 0.0 in float32, so the memory is not decayed.
+MASKED_FGATE = 1.0e4
+
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap), computed in float32 and cast back; identity when cap is None."""
+    if cap is None:
+        return x
+    return (cap * torch.tanh(x.float() / cap)).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last dim with float32 reductions; weight (ones) and optional bias."""
+
+    def __init__(self, dim: int, eps: float, bias: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class RMSNorm(LayerNorm):
+    """RMSNorm over the last dim with float32 reductions (the xLSTM-7B norm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class MultiHeadLayerNorm(LayerNorm):
+    """LayerNorm of every head separately: [B, NH, S, DH] -> [B, S, NH * DH], weight over NH * DH."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, NH, S, DH = x.shape
+        y = F.layer_norm(x.float(), (DH,), eps=self.eps).to(x.dtype)  # [B, NH, S, DH]
+        y = y.transpose(1, 2).reshape(B, S, NH * DH) * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over time with a state: the last KS - 1 inputs before the sequence.
+
+    x [B, S, D], conv_state [B, KS - 1, D] or None (zeros) -> y [B, S, D], new conv_state [B, KS - 1, D].
+    """
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, bias=True)
+
+    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, D = x.shape
+        if conv_state is None:
+            conv_state = x.new_zeros(B, self.kernel_size - 1, D)
+        xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, KS - 1 + S, D]
+        y = F.conv1d(xs.transpose(1, 2), self.conv.weight, self.conv.bias, groups=D).transpose(1, 2)
+        return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :]
+
+
+class HeadwiseLinear(nn.Module):
+    """Block-diagonal linear map: [.., NH * DI] -> [.., NH * DO] with weight [NH, DO, DI] (one block per head)."""
+
+    def __init__(self, in_features: int, num_heads: int, out_features: int | None = None, bias: bool = False):
+        super().__init__()
+        out_features = in_features if out_features is None else out_features
+        self.num_heads = num_heads
+        self.weight = nn.Parameter(torch.empty(num_heads, out_features // num_heads, in_features // num_heads))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape[:-1]
+        x = x.reshape(-1, self.num_heads, x.shape[-1] // self.num_heads).transpose(0, 1)  # [NH, N, DI]
+        y = torch.bmm(x, self.weight.transpose(1, 2)).transpose(0, 1).reshape(*shape, -1)  # [.., NH * DO]
+        return y + self.bias if self.bias is not None else y
+
+
+def _apply_mask_to_gates(
+    i: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """i, f [B, NH, S] float32; mask [B, S] bool. A padded position neither writes nor decays the memory."""
+    if mask is None:
+        return i, f
+    keep = mask[:, None, :]
+    return i.masked_fill(~keep, MASKED_IGATE), f.masked_fill(~keep, MASKED_FGATE)
+
+
+def mlstm_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None,
+    config: xLSTMConfig,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] -> h [B, NH, S, DV], state. Chooses the kernel."""
+    kwargs = dict(eps=config.mlstm_eps, empty_m=config.mlstm_empty_max_state)
+    if q.shape[2] == 1:
+        if state is None:
+            B, NH, _, DK = q.shape
+            state = empty_state(B, NH, DK, v.shape[-1], config.mlstm_empty_max_state, q.device)
+        h, state = mlstm_recurrent_step(
+            q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, kwargs["eps"]
+        )
+        return h[:, :, None], state
+    if config.mlstm_kernel == "parallel":
+        return mlstm_parallel(q, k, v, i, f, state, **kwargs)
+    if config.mlstm_kernel == "recurrent":
+        return mlstm_recurrent(q, k, v, i, f, state, **kwargs)
+    return mlstm_chunkwise(q, k, v, i, f, state, chunk_size=config.chunk_size, **kwargs)
+
+
+def slstm_sequence(
+    x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
+) -> tuple[torch.Tensor, SLSTMState]:
+    """x [B, NH, S, 4 * DH]; r [NH, DH, 4 * DH] -> h [B, NH, S, DH], state. Chooses the kernel."""
+    return slstm_recurrent(x, r, state, mask)
+
+
+class mLSTMLayer(nn.Module):
+    """The paper's mLSTM layer: up-projection, causal conv, block-diagonal q/k/v, mLSTM, multi-head norm, learnable
+    skip, output gate and down-projection. State: (C, n, m, conv_state)."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        self.config = config
+        D, inner, NH = config.hidden_size, config.mlstm_inner_dim, config.num_heads
+        self.num_heads = NH
+        self.inner_dim = inner
+        self.proj_up = nn.Linear(D, 2 * inner, bias=config.use_bias)
+        self.conv1d = CausalConv1d(inner, config.conv1d_kernel_size)
+        blocks = inner // config.qkv_proj_blocksize
+        self.q_proj = HeadwiseLinear(inner, blocks, bias=config.use_bias)
+        self.k_proj = HeadwiseLinear(inner, blocks, bias=config.use_bias)
+        self.v_proj = HeadwiseLinear(inner, blocks, bias=config.use_bias)
+        self.igate = nn.Linear(3 * inner, NH)
+        self.fgate = nn.Linear(3 * inner, NH)
+        self.multihead_norm = MultiHeadLayerNorm(inner, config.norm_eps)
+        self.learnable_skip = nn.Parameter(torch.ones(inner))
+        self.proj_down = nn.Linear(inner, D, bias=config.use_bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        B, S, _ = x.shape
+        NH = self.num_heads
+        mlstm_state, conv_state = (None, None) if state is None else (state[:3], state[3])
+        x_m, z = self.proj_up(x).chunk(2, dim=-1)  # [B, S, inner] each
+        if mask is not None:
+            x_m = x_m * mask[..., None].to(x_m.dtype)
+        x_c, conv_state = self.conv1d(x_m, conv_state)
+        x_c = F.silu(x_c)
+        q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)  # [B, S, inner] each
+        qkv = torch.cat([q, k, v], dim=-1)
+        i = self.igate(qkv).transpose(1, 2).float()  # [B, NH, S]
+        f = self.fgate(qkv).transpose(1, 2).float()
+        i, f = _apply_mask_to_gates(i, f, mask)
+        q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
+        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config)
+        h = self.multihead_norm(h)  # [B, S, inner]
+        h = (h + self.learnable_skip * x_c) * F.silu(z)
+        return self.dropout(self.proj_down(h)), (*mlstm_state, conv_state)
+
+
+class mLSTM7BLayer(nn.Module):
+    """The xLSTM-7B mLSTM layer: q/k/v and output-gate projections, soft-capped gates, mLSTM, multi-head norm.
+    State: (C, n, m)."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        self.config = config
+        D, NH, bias = config.hidden_size, config.num_heads, config.use_bias
+        self.num_heads = NH
+        self.q = nn.Linear(D, config.qk_dim, bias=bias)
+        self.k = nn.Linear(D, config.qk_dim, bias=bias)
+        self.v = nn.Linear(D, config.v_dim, bias=bias)
+        self.ogate_preact = nn.Linear(D, config.v_dim, bias=bias)
+        self.igate_preact = nn.Linear(D, NH, bias=True)
+        self.fgate_preact = nn.Linear(D, NH, bias=True)
+        self.multihead_norm = MultiHeadLayerNorm(config.v_dim, config.norm_eps, bias=bias)
+        self.out_proj = nn.Linear(config.v_dim, D, bias=bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        B, S, _ = x.shape
+        NH = self.num_heads
+        q, k, v = (proj(x).view(B, S, NH, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
+        cap = self.config.gate_soft_cap
+        i = soft_cap(self.igate_preact(x).float(), cap).transpose(1, 2)  # [B, NH, S]
+        f = soft_cap(self.fgate_preact(x).float(), cap).transpose(1, 2)
+        i, f = _apply_mask_to_gates(i, f, mask)
+        h, state = mlstm_sequence(q, k, v, i, f, state, self.config)  # [B, NH, S, DV]
+        h = torch.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h)
+        return self.dropout(self.out_proj(h)), state
+
+
+class sLSTMLayer(nn.Module):
+    """The paper's sLSTM layer: causal conv feeding the input and forget gates, block-diagonal gate projections,
+    block-diagonal recurrent matrices, multi-head norm. State: (h, c, n, m, conv_state)."""
+
+    def __init__(self, config: xLSTMConfig, block_idx: int):
+        super().__init__()
+        self.config = config
+        self.block_idx = block_idx  # the forget-gate bias init depends on the depth
+        D, NH = config.hidden_size, config.slstm_num_heads
+        self.num_heads, self.head_dim = NH, D // NH
+        self.conv1d = CausalConv1d(D, config.conv1d_kernel_size) if config.conv1d_kernel_size > 0 else None
+        self.igate = HeadwiseLinear(D, NH)
+        self.fgate = HeadwiseLinear(D, NH)
+        self.zgate = HeadwiseLinear(D, NH)
+        self.ogate = HeadwiseLinear(D, NH)
+        self.recurrent_kernel = nn.Parameter(torch.zeros(NH, self.head_dim, 4 * self.head_dim))
+        self.bias = nn.Parameter(torch.zeros(NH, 4 * self.head_dim))  # gate-major inside a head: i, f, z, o
+        self.multihead_norm = MultiHeadLayerNorm(D, config.norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        B, S, _ = x.shape
+        NH, DH = self.num_heads, self.head_dim
+        slstm_state, conv_state = (None, None) if state is None else (state[:4], state[4])
+        if self.conv1d is not None:
+            x_in = x * mask[..., None].to(x.dtype) if mask is not None else x
+            x_c, conv_state = self.conv1d(x_in, conv_state)
+            x_c = F.silu(x_c)
+        else:
+            x_c = x
+        gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)  # [B, S, 4, D]
+        gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH)
+        gates = gates + self.bias[:, None, :]
+        h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config)
+        y = self.dropout(self.multihead_norm(h))  # [B, S, D]
+        return y, (*slstm_state, conv_state)
+
+
+class GatedFeedForward(nn.Module):
+    """act(proj_up_gate(x)) * proj_up(x) -> proj_down: GeLU-gated in the paper, SwiGLU in xLSTM-7B."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__()
+        D, H, bias = config.hidden_size, config.ffn_dim, config.use_bias
+        self.proj_up_gate = nn.Linear(D, H, bias=bias)
+        self.proj_up = nn.Linear(D, H, bias=bias)
+        self.proj_down = nn.Linear(H, D, bias=bias)
+        self.act = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[config.ffn_activation]
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj_down(self.act(self.proj_up_gate(x)) * self.proj_up(x)))
+
+
+class xLSTMBlock(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + mixer(norm(x)) [+ ffn(norm_ffn(x))]. The mixer is an mLSTM layer (paper or 7B) or
+    an sLSTM layer; the block is functional: it returns the new recurrent state instead of writing a cache."""
+
+    def __init__(self, config: xLSTMConfig, block_idx: int):
+        super().__init__()
+        self.block_type = block_type = config.block_types[block_idx]
+        norm = RMSNorm if config.architecture == "7b" else LayerNorm
+        bias = config.use_bias and config.architecture == "7b"
+        if block_type == "s":
+            self.norm_slstm = norm(config.hidden_size, config.norm_eps, bias=bias)
+            self.slstm_layer = sLSTMLayer(config, block_idx)
+        else:
+            self.norm_mlstm = norm(config.hidden_size, config.norm_eps, bias=bias)
+            self.mlstm_layer = mLSTM7BLayer(config) if config.architecture == "7b" else mLSTMLayer(config)
+        if block_type == "s" or config.architecture == "7b":
+            self.norm_ffn = norm(config.hidden_size, config.norm_eps, bias=bias)
+            self.ffn = GatedFeedForward(config)
+        else:
+            self.norm_ffn = self.ffn = None
+
+    def forward(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, state: tuple | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        if self.block_type == "s":
+            y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state)
+        else:
+            y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state)
+        hidden_states = hidden_states + y
+        if self.ffn is not None:
+            hidden_states = hidden_states + self.ffn(self.norm_ffn(hidden_states))
+        return hidden_states, state
+
+
+class xLSTMCache:
+    """The recurrent state of every block, constant in size whatever the number of tokens processed.
+
+    Per block: mLSTM (C [B, NH, DK, DV], n [B, NH, DK], m [B, NH], and for the paper's layer the conv window
+    [B, KS - 1, inner]); sLSTM (h, c, n, m [B, NH, DH] and the conv window [B, KS - 1, D]). The recurrent states are
+    stored in `state_dtype` (float32 by default, whatever the weights' dtype); conv windows in the activations' dtype.
+    """
+
+    is_compileable = False
+
+    def __init__(
+        self,
+        config: xLSTMConfig,
+        batch_size: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        state_dtype: torch.dtype | None = None,
+    ):
+        self.config = config
+        self.batch_size = batch_size
+        self.device = device
+        self.state_dtype = state_dtype if state_dtype is not None else getattr(torch, config.state_dtype)
+        self.states: list[tuple[torch.Tensor, ...] | None] = [None] * config.num_hidden_layers
+        self.seqlen_offset = 0
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+    def __repr__(self) -> str:
+        return (
+            f"xLSTMCache(batch_size={self.batch_size}, blocks={len(self.states)}, "
+            f"seqlen_offset={self.seqlen_offset}, nbytes={self.nbytes})"
+        )
+
+    def get_layer_state(self, idx: int) -> tuple[torch.Tensor, ...] | None:
+        return self.states[idx]
+
+    def set_layer_state(self, idx: int, state: tuple[torch.Tensor, ...]) -> None:
+        n_recurrent = 3 if self.config.block_types[idx] == "m" else 4
+        self.states[idx] = tuple(t.to(self.state_dtype) for t in state[:n_recurrent]) + tuple(state[n_recurrent:])
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.seqlen_offset
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the states."""
+        return sum(t.numel() * t.element_size() for s in self.states if s is not None for t in s if t is not None)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Select batch rows (beam search): every state tensor is indexed by `beam_idx` along the batch dim."""
+        for idx, s in enumerate(self.states):
+            if s is not None:
+                self.states[idx] = tuple(t.index_select(0, beam_idx.to(t.device)) if t is not None else None for t in s)
+        self.batch_size = int(beam_idx.shape[0])
+
+    def detach(self) -> xLSTMCache:
+        """Detach the states from the graph in place (truncated back-propagation through time)."""
+        for idx, s in enumerate(self.states):
+            if s is not None:
+                self.states[idx] = tuple(t.detach() if t is not None else None for t in s)
+        return self
+
+    def reset(self) -> None:
+        self.states = [None] * len(self.states)
+        self.seqlen_offset = 0
+
+
+@dataclass
+class xLSTMOutput(ModelOutput):
+    """last_hidden_state [B, S, D]; cache: the recurrent state after the last position; hidden_states: the
+    embeddings and the output of every block (the last one after the output norm)."""
+
+    last_hidden_state: torch.Tensor | None = None
+    cache: xLSTMCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class xLSTMCausalLMOutput(ModelOutput):
+    """loss (scalar, with `labels`); logits [B, S, V]; cache; hidden_states as in xLSTMOutput."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: xLSTMCache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def _small_init_std(dim: int) -> float:
+    """Nguyen & Salazar (2019), used by both xLSTM papers: sqrt(2 / (5 d))."""
+    return math.sqrt(2 / (5 * dim))
+
+
+def _wang_init_std(dim: int, num_blocks: int) -> float:
+    """Wang (2021), the output projections of residual branches: 2 / (num_blocks sqrt(d))."""
+    return 2 / num_blocks / math.sqrt(dim)
+
+
+class xLSTMPreTrainedModel(PreTrainedModel):
+    config_class = xLSTMConfig
+    config: xLSTMConfig
+    base_model_prefix = "backbone"
+    _no_split_modules = ["xLSTMBlock"]
+    supports_gradient_checkpointing = True
+    _is_stateful = True
+    _supports_cache_class = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialisation of the xLSTM papers: small init, Wang init for the residual branches' output projections,
+        the gate biases of each layer type. Children are initialised before their parents, so a layer's branch below
+        overrides the generic nn.Linear branch for its own projections."""
+        config = self.config
+        D, L = config.hidden_size, config.num_hidden_layers
+        if isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=_small_init_std(D))
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, std=_small_init_std(D))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, LayerNorm):
+            init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, CausalConv1d):
+            bound = 1 / math.sqrt(module.kernel_size)  # nn.Conv1d's default for a depthwise conv
+            init.uniform_(module.conv.weight, -bound, bound)
+            init.uniform_(module.conv.bias, -bound, bound)
+        elif isinstance(module, HeadwiseLinear):
+            init.normal_(module.weight, std=_small_init_std(D))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, mLSTMLayer):
+            init.normal_(module.proj_down.weight, std=_wang_init_std(D, L))
+            init.ones_(module.learnable_skip)
+            init.zeros_(module.igate.weight)
+            init.normal_(module.igate.bias, std=0.1)
+            init.zeros_(module.fgate.weight)
+            init.copy_(module.fgate.bias, torch.linspace(3.0, 6.0, config.num_heads))
+        elif isinstance(module, mLSTM7BLayer):
+            init.normal_(module.out_proj.weight, std=_wang_init_std(D, L))
+            init.zeros_(module.igate_preact.weight)
+            init.constant_(module.igate_preact.bias, -10.0)
+            init.zeros_(module.fgate_preact.weight)
+            init.copy_(module.fgate_preact.bias, torch.linspace(3.0, 6.0, config.num_heads))
+        elif isinstance(module, sLSTMLayer):
+            init.zeros_(module.recurrent_kernel)
+            init.copy_(module.bias, self._slstm_bias(module))
+        elif isinstance(module, GatedFeedForward):
+            dim = D if config.architecture == "paper" else module.proj_down.in_features
+            init.normal_(module.proj_down.weight, std=_wang_init_std(dim, L))
+
+    def _slstm_bias(self, layer: sLSTMLayer) -> torch.Tensor:
+        """[NH, 4 * DH]: zeros for i, z, o; the forget gate by `slstm_bias_init` (the paper's power law over the head
+        dim, steeper in later blocks)."""
+        config = self.config
+        NH, DH = layer.num_heads, layer.head_dim
+        bias = torch.zeros(NH, 4, DH)
+        if config.slstm_bias_init == "powerlaw_blockdependent":
+            ratio = layer.block_idx / (config.num_hidden_layers - 1) if config.num_hidden_layers > 1 else 0.0
+            positions = torch.arange(DH) / max(DH - 1, 1)
+            bias[:, 1] = -(-5.0 + 12.0 * positions ** (0.3 + 1.3 * ratio))
+        elif config.slstm_bias_init == "small_init":
+            bias[:, 1] = torch.linspace(3.0, 6.0, DH)
+        return bias.reshape(NH, 4 * DH)
+
+
+class xLSTMModel(xLSTMPreTrainedModel):
+    """Embeddings, the stack of blocks and the output norm."""
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
+        self.blocks = nn.ModuleList([xLSTMBlock(config, idx) for idx in range(config.num_hidden_layers)])
+        norm = RMSNorm if config.architecture == "7b" else LayerNorm
+        bias = config.use_bias and config.architecture == "7b"
+        self.out_norm = norm(config.hidden_size, config.norm_eps, bias=bias) if config.add_out_norm else nn.Identity()
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embeddings = value
+
+    def _check_inputs(
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: xLSTMCache | None,
+    ) -> None:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("xLSTMModel.forward: pass exactly one of input_ids and inputs_embeds")
+        x = input_ids if input_ids is not None else inputs_embeds
+        if x.dim() != (2 if input_ids is not None else 3) or x.shape[1] == 0:
+            name = "input_ids" if input_ids is not None else "inputs_embeds"
+            raise ValueError(
+                f"xLSTMModel.forward: {name} has shape {tuple(x.shape)}, expected [B, S] with S > 0"
+                + ("" if input_ids is not None else " and a last dim D")
+            )
+        if (
+            input_ids is not None
+            and input_ids.numel()
+            and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)
+        ):
+            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
+            raise ValueError(
+                f"input_ids contains token id {bad} outside the vocabulary [0, vocab_size={self.config.vocab_size})"
+            )
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape[:2]):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(x.shape[:2])} (the "
+                "xLSTM is recurrent: with a cache, pass the mask of the new tokens only)"
+            )
+        if cache is not None and cache.batch_size != x.shape[0]:
+            raise ValueError(
+                f"cache was built for batch size {cache.batch_size}, but the input has batch size {x.shape[0]}"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: xLSTMCache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> xLSTMOutput | tuple:
+        """input_ids [B, S] (or inputs_embeds [B, S, D]); attention_mask [B, S] (1 real, 0 padding) of these tokens;
+        cache: the state after the previous tokens (None: an empty state)."""
+        if "cache_params" in kwargs or "past_key_values" in kwargs:
+            cache = kwargs.pop("cache_params", None) or kwargs.pop("past_key_values", None) or cache
+        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask.bool()
+
+        if use_cache and cache is None:
+            cache = xLSTMCache(self.config, x.shape[0], device=x.device)
+        states = list(cache.states) if cache is not None else [None] * len(self.blocks)
+
+        piece = self.config.prefill_chunk_size
+        if piece is not None and x.shape[1] > piece and not torch.is_grad_enabled() and not output_hidden_states:
+            # Long prompts without gradients: pieces through the whole stack, the state carried between them, so the
+            # activations held at once are bounded by the piece length.
+            outs = []
+            for start in range(0, x.shape[1], piece):
+                sl = slice(start, start + piece)
+                h = x[:, sl]
+                for idx, block in enumerate(self.blocks):
+                    h, states[idx] = block(h, None if mask is None else mask[:, sl], states[idx])
+                outs.append(h)
+            x = torch.cat(outs, dim=1)
+            all_hidden = None
+        else:
+            all_hidden = (x,) if output_hidden_states else None
+            for idx, block in enumerate(self.blocks):
+                x, states[idx] = block(x, mask, states[idx])
+                if output_hidden_states:
+                    all_hidden += (x,)
+        x = self.out_norm(x)
+        if output_hidden_states:
+            all_hidden = all_hidden[:-1] + (x,)
+        if cache is not None:
+            for idx, s in enumerate(states):
+                cache.set_layer_state(idx, s)
+            cache.seqlen_offset += x.shape[1]
+        out = xLSTMOutput(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
+        return out if return_dict else out.to_tuple()
+
+
+class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
+    """xLSTMModel with a language-model head; `labels` give the shifted cross-entropy (-100 ignored)."""
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: xLSTMConfig):
+        super().__init__(config)
+        self.backbone = xLSTMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.backbone.embeddings = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def get_decoder(self) -> xLSTMModel:
+        return self.backbone
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache: xLSTMCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> xLSTMCausalLMOutput | tuple:
+        """As xLSTMModel.forward; labels [B, S] (shifted inside, -100 ignored); logits_to_keep: compute the logits of
+        the last positions only (0: all)."""
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        h = out.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = soft_cap(self.lm_head(h[:, keep]), self.config.output_logit_soft_cap)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+            )
+        result = xLSTMCausalLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
+        return result if return_dict else result.to_tuple()
+
+
+__all__ = ["xLSTMCache", "xLSTMForCausalLM", "xLSTMModel", "xLSTMPreTrainedModel"]
