@@ -3,6 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_xlstm import xLSTMConfig
+from .convert import convert_from_xlstm_package, convert_transformers_xlstm
 from .modeling_xlstm import xLSTMCache, xLSTMForCausalLM, xLSTMModel, xLSTMPreTrainedModel
 
 AutoConfig.register(xLSTMConfig.model_type, xLSTMConfig)
@@ -17,6 +18,8 @@ xLSTMModel.register_for_auto_class("AutoModel")
 xLSTMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
+    "convert_from_xlstm_package",
+    "convert_transformers_xlstm",
     "xLSTMCache",
     "xLSTMConfig",
     "xLSTMForCausalLM",

@@ -59,7 +59,7 @@ class xLSTMConfig(PreTrainedConfig):
         ffn_activation: gate activation of the feed-forward (``"gelu"`` for ``"paper"``, ``"silu"`` for ``"7b"``).
         proj_round_to: the up-projection widths are rounded up to a multiple of this.
 
-    ``"7b"`` fields:
+    ``"7b"`` fields (ignored by ``"paper"``):
         qk_dim_factor, v_dim_factor: q/k and v widths as fractions of ``hidden_size``.
         gate_soft_cap: soft cap of the input/forget gate pre-activations (``None`` disables it).
         output_logit_soft_cap: soft cap of the output logits (``None`` disables it).
@@ -123,7 +123,14 @@ class xLSTMConfig(PreTrainedConfig):
         self._validate()
         super().__post_init__(**kwargs)
 
-    # ---- validation -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> xLSTMConfig:
+        """Also reads the config.json of transformers' built-in xLSTM (``model_type: xlstm``, the NX-AI/xLSTM-7b
+        layout), so that ``xLSTMForCausalLM.from_pretrained`` converts such a checkpoint on load."""
+        if config_dict.get("model_type") == "xlstm":
+            config_dict = config_dict_from_transformers_xlstm(config_dict)
+        return super().from_dict(config_dict, **kwargs)
+
     def _validate(self) -> None:
         def fail(field: str, why: str) -> None:
             raise ValueError(f"xLSTMConfig.{field}={getattr(self, field)!r}: {why}")
@@ -209,7 +216,6 @@ class xLSTMConfig(PreTrainedConfig):
             if self.v_dim < 1 or self.v_dim % self.num_heads:
                 fail("num_heads", f"does not divide the v width {self.v_dim} (hidden_size*v_dim_factor)")
 
-    # ---- derived sizes ----------------------------------------------------------------------------------------------
     @property
     def block_types(self) -> list[str]:
         """``"m"`` or ``"s"`` for each block."""
@@ -249,4 +255,49 @@ class xLSTMConfig(PreTrainedConfig):
         return float("-inf") if self.architecture == "paper" else 0.0
 
 
-__all__ = ["xLSTMConfig"]
+# transformers' built-in xLSTM fields with a counterpart here; the kernel/mode fields of the built-in are choices of its
+# implementation, not of the model, and are dropped.
+_TRANSFORMERS_XLSTM_FIELDS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_hidden_layers",
+    "num_heads": "num_heads",
+    "use_bias": "use_bias",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "add_out_norm": "add_out_norm",
+    "norm_eps": "norm_eps",
+    "qk_dim_factor": "qk_dim_factor",
+    "v_dim_factor": "v_dim_factor",
+    "chunk_size": "chunk_size",
+    "eps": "mlstm_eps",
+    "ffn_proj_factor": "ffn_proj_factor",
+    "ffn_round_up_to_multiple_of": "proj_round_to",
+    "gate_soft_cap": "gate_soft_cap",
+    "output_logit_soft_cap": "output_logit_soft_cap",
+    "use_cache": "use_cache",
+    "pad_token_id": "pad_token_id",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+}
+
+
+def config_dict_from_transformers_xlstm(source: dict[str, Any]) -> dict[str, Any]:
+    """The config dict of transformers' built-in xLSTM (``model_type: xlstm``) as an xlstm_hf config dict."""
+    out: dict[str, Any] = {"model_type": xLSTMConfig.model_type, "architecture": "7b"}
+    for src, dst in _TRANSFORMERS_XLSTM_FIELDS.items():
+        if src in source:
+            out[dst] = source[src]
+    if source.get("hidden_size") is None and source.get("embedding_dim") is not None:
+        out["hidden_size"] = source["embedding_dim"]
+    if source.get("num_hidden_layers") is None and source.get("num_blocks") is not None:
+        out["num_hidden_layers"] = source["num_blocks"]
+    if source.get("weight_mode", "single") not in ("single", "fused"):
+        raise ValueError(f"transformers xLSTM config: unknown weight_mode={source['weight_mode']!r}")
+    # Recorded so that loading splits the fused projections of a `weight_mode="fused"` checkpoint.
+    out["source_weight_mode"] = source.get("weight_mode", "single")
+    if source.get("dtype") is not None:
+        out["dtype"] = source["dtype"]
+    return out
+
+
+__all__ = ["config_dict_from_transformers_xlstm", "xLSTMConfig"]

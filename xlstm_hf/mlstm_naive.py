@@ -43,9 +43,7 @@ def empty_state(
     return C, n, m
 
 
-def _initial_state(
-    initial_state: MLSTMState | None, q: torch.Tensor, v: torch.Tensor, empty_m: float
-) -> MLSTMState:
+def _initial_state(initial_state: MLSTMState | None, q: torch.Tensor, v: torch.Tensor, empty_m: float) -> MLSTMState:
     B, NH, _, DK = q.shape
     DV = v.shape[-1]
     if initial_state is None:

@@ -426,6 +426,53 @@ def _wang_init_std(dim: int, num_blocks: int) -> float:
     return 2 / num_blocks / math.sqrt(dim)
 
 
+def split_fused_xlstm_weights(state: dict[str, torch.Tensor], config: xLSTMConfig) -> dict[str, torch.Tensor]:
+    """transformers' built-in xLSTM with ``weight_mode="fused"`` keeps q/k/v/output-gate, input/forget gate and the
+    two FFN up-projections each in one matrix; ours keeps them apart (the ``"single"`` names)."""
+    qk, vd, NH = config.qk_dim, config.v_dim, config.num_heads
+    splits = {
+        "mlstm_layer.qkv_opreact": (("q", "k", "v", "ogate_preact"), (qk, qk, vd, vd)),
+        "mlstm_layer.ifgate_preact": (("igate_preact", "fgate_preact"), (NH, NH)),
+        "ffn.proj_up_gate_z": (("proj_up_gate", "proj_up"), (config.ffn_dim, config.ffn_dim)),
+    }
+    out = {}
+    for key, value in state.items():
+        for fused, (names, sizes) in splits.items():
+            if f".{fused}." in key:
+                head, tail = key.split(f".{fused}.")
+                parent = fused.rsplit(".", 1)[0] if "." in fused else ""
+                for name, part in zip(names, torch.split(value, sizes, dim=0), strict=True):
+                    out[f"{head}.{parent + '.' if parent else ''}{name}.{tail}"] = part.clone()
+                break
+        else:
+            out[key] = value
+    return out
+
+
+def _read_safetensors_checkpoint(path: Any, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, local or on the Hub."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
+    single = cached_file(path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub)
+    if single is not None:
+        return load_file(single)
+    index = cached_file(path, SAFE_WEIGHTS_INDEX_NAME, **hub)
+    with open(index) as fh:
+        shards = sorted(set(json.load(fh)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(cached_file(path, shard, **hub)))
+    return state
+
+
+def _only_tied(model: nn.Module, missing: list[str]) -> bool:
+    return model.config.tie_word_embeddings and set(missing) <= {"lm_head.weight"}
+
+
 class xLSTMPreTrainedModel(PreTrainedModel):
     config_class = xLSTMConfig
     config: xLSTMConfig
@@ -434,6 +481,33 @@ class xLSTMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True
     _supports_cache_class = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
+        """As PreTrainedModel.from_pretrained; a checkpoint of transformers' built-in xLSTM (``model_type: xlstm``,
+        the NX-AI/xLSTM-7b layout) is converted on load: its config is translated (xLSTMConfig.from_dict), its
+        weights carry the same names as ours, and the fused projections of ``weight_mode="fused"`` are split."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        source_mode = getattr(model.config, "source_weight_mode", None)
+        if source_mode is not None:
+            del model.config.source_weight_mode
+            if source_mode == "fused":
+                state = _read_safetensors_checkpoint(pretrained_model_name_or_path, kwargs)
+                prefix = "" if isinstance(model, xLSTMForCausalLM) else "backbone."
+                state = {k[len(prefix) :]: v for k, v in split_fused_xlstm_weights(state, model.config).items()}
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                info = {"missing_keys": list(missing), "unexpected_keys": list(unexpected), "mismatched_keys": []}
+            problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+            problems = {k: v for k, v in problems.items() if v and not (k == "missing_keys" and _only_tied(model, v))}
+            if problems:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: the transformers xLSTM checkpoint does not map onto "
+                    f"xlstm_hf's layout: {problems}"
+                )
+        return (model, info) if want_info else model
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -664,7 +738,9 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         )
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = soft_cap(self.lm_head(h[:, keep]), self.config.output_logit_soft_cap)
+        logits = self.lm_head(h[:, keep])
+        if self.config.architecture == "7b":
+            logits = soft_cap(logits, self.config.output_logit_soft_cap)
         loss = None
         if labels is not None:
             loss = self.loss_function(
