@@ -449,14 +449,16 @@ def split_fused_xlstm_weights(state: dict[str, torch.Tensor], config: xLSTMConfi
     return out
 
 
-def _read_safetensors_checkpoint(path: Any, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download", "proxies")
+
+
+def _read_safetensors_checkpoint(path: Any, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, local or on the Hub."""
     import json
 
     from safetensors.torch import load_file
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
-    hub = {k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs}
     single = cached_file(path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub)
     if single is not None:
         return load_file(single)
@@ -487,19 +489,17 @@ class xLSTMPreTrainedModel(PreTrainedModel):
         """As PreTrainedModel.from_pretrained; a checkpoint of transformers' built-in xLSTM (``model_type: xlstm``,
         the NX-AI/xLSTM-7b layout) is converted on load: its config is translated (xLSTMConfig.from_dict), its
         weights carry the same names as ours, and the fused projections of ``weight_mode="fused"`` are split."""
+        if kwargs.get("config") is None:
+            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            source, _ = xLSTMConfig.get_config_dict(pretrained_model_name_or_path, **hub)
+            if source.get("model_type") == "xlstm" and source.get("weight_mode") == "fused":
+                return cls._from_fused_transformers_xlstm(pretrained_model_name_or_path, source, hub, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
-        source_mode = getattr(model.config, "source_weight_mode", None)
-        if source_mode is not None:
+        if getattr(model.config, "source_weight_mode", None) is not None:
             del model.config.source_weight_mode
-            if source_mode == "fused":
-                state = _read_safetensors_checkpoint(pretrained_model_name_or_path, kwargs)
-                prefix = "" if isinstance(model, xLSTMForCausalLM) else "backbone."
-                state = {k[len(prefix) :]: v for k, v in split_fused_xlstm_weights(state, model.config).items()}
-                missing, unexpected = model.load_state_dict(state, strict=False)
-                info = {"missing_keys": list(missing), "unexpected_keys": list(unexpected), "mismatched_keys": []}
             problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
             problems = {k: v for k, v in problems.items() if v and not (k == "missing_keys" and _only_tied(model, v))}
             if problems:
@@ -508,6 +508,25 @@ class xLSTMPreTrainedModel(PreTrainedModel):
                     f"xlstm_hf's layout: {problems}"
                 )
         return (model, info) if want_info else model
+
+    @classmethod
+    def _from_fused_transformers_xlstm(
+        cls, path: Any, source: dict[str, Any], hub: dict[str, Any], kwargs: dict[str, Any]
+    ) -> xLSTMPreTrainedModel:
+        config = xLSTMConfig.from_dict(source)
+        del config.source_weight_mode
+        model = cls(config)
+        prefix = "" if isinstance(model, xLSTMForCausalLM) else "backbone."
+        state = split_fused_xlstm_weights(_read_safetensors_checkpoint(path, hub), config)
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if [k for k in missing if not _only_tied(model, [k])] or unexpected:
+            raise ValueError(f"{path}: fused transformers xLSTM checkpoint: missing {missing}, unexpected {unexpected}")
+        model.tie_weights()
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        if isinstance(dtype, torch.dtype):
+            model = model.to(dtype)
+        return model.eval()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
