@@ -158,6 +158,13 @@ def slstm_sequence(
     return slstm_recurrent(x, r, state, mask)
 
 
+def _init_spec(linear: nn.Linear, **spec: Any) -> nn.Linear:
+    """Attach the papers' init of this projection (read by xLSTMPreTrainedModel._init_weights): ``wang_dim`` (Wang
+    init of a residual output), ``zero_weight``, ``bias`` in {"linspace_3_6", "normal_0.1", float}."""
+    linear.xlstm_init = spec
+    return linear
+
+
 class mLSTMLayer(nn.Module):
     """The paper's mLSTM layer: up-projection, causal conv, block-diagonal q/k/v, mLSTM, multi-head norm, learnable
     skip, output gate and down-projection. State: (C, n, m, conv_state)."""
@@ -174,11 +181,11 @@ class mLSTMLayer(nn.Module):
         self.q_proj = HeadwiseLinear(inner, blocks, bias=config.use_bias)
         self.k_proj = HeadwiseLinear(inner, blocks, bias=config.use_bias)
         self.v_proj = HeadwiseLinear(inner, blocks, bias=config.use_bias)
-        self.igate = nn.Linear(3 * inner, NH)
-        self.fgate = nn.Linear(3 * inner, NH)
+        self.igate = _init_spec(nn.Linear(3 * inner, NH), zero_weight=True, bias="normal_0.1")
+        self.fgate = _init_spec(nn.Linear(3 * inner, NH), zero_weight=True, bias="linspace_3_6")
         self.multihead_norm = MultiHeadLayerNorm(inner, config.norm_eps)
         self.learnable_skip = nn.Parameter(torch.ones(inner))
-        self.proj_down = nn.Linear(inner, D, bias=config.use_bias)
+        self.proj_down = _init_spec(nn.Linear(inner, D, bias=config.use_bias), wang_dim=D)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -217,10 +224,10 @@ class mLSTM7BLayer(nn.Module):
         self.k = nn.Linear(D, config.qk_dim, bias=bias)
         self.v = nn.Linear(D, config.v_dim, bias=bias)
         self.ogate_preact = nn.Linear(D, config.v_dim, bias=bias)
-        self.igate_preact = nn.Linear(D, NH, bias=True)
-        self.fgate_preact = nn.Linear(D, NH, bias=True)
+        self.igate_preact = _init_spec(nn.Linear(D, NH, bias=True), zero_weight=True, bias=-10.0)
+        self.fgate_preact = _init_spec(nn.Linear(D, NH, bias=True), zero_weight=True, bias="linspace_3_6")
         self.multihead_norm = MultiHeadLayerNorm(config.v_dim, config.norm_eps, bias=bias)
-        self.out_proj = nn.Linear(config.v_dim, D, bias=bias)
+        self.out_proj = _init_spec(nn.Linear(config.v_dim, D, bias=bias), wang_dim=D)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -286,7 +293,8 @@ class GatedFeedForward(nn.Module):
         D, H, bias = config.hidden_size, config.ffn_dim, config.use_bias
         self.proj_up_gate = nn.Linear(D, H, bias=bias)
         self.proj_up = nn.Linear(D, H, bias=bias)
-        self.proj_down = nn.Linear(H, D, bias=bias)
+        # Wang init over the model width in the paper, over the FFN width in xLSTM-7B
+        self.proj_down = _init_spec(nn.Linear(H, D, bias=bias), wang_dim=D if config.architecture == "paper" else H)
         self.act = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[config.ffn_activation]
         self.dropout = nn.Dropout(config.dropout)
 
@@ -531,16 +539,27 @@ class xLSTMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Initialisation of the xLSTM papers: small init, Wang init for the residual branches' output projections,
-        the gate biases of each layer type. Children are initialised before their parents, so a layer's branch below
-        overrides the generic nn.Linear branch for its own projections."""
+        the gate biases of each layer type. Every special case is attached to the parameter's own module (see
+        `_init_spec`): transformers skips modules without direct parameters when the model is remote code."""
         config = self.config
         D, L = config.hidden_size, config.num_hidden_layers
         if isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=_small_init_std(D))
         elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, std=_small_init_std(D))
+            spec = getattr(module, "xlstm_init", {})
+            if spec.get("zero_weight"):
+                init.zeros_(module.weight)
+            else:
+                std = _wang_init_std(spec["wang_dim"], L) if "wang_dim" in spec else _small_init_std(D)
+                init.normal_(module.weight, std=std)
             if module.bias is not None:
-                init.zeros_(module.bias)
+                bias = spec.get("bias", 0.0)
+                if bias == "linspace_3_6":
+                    init.copy_(module.bias, torch.linspace(3.0, 6.0, module.bias.shape[0]))
+                elif bias == "normal_0.1":
+                    init.normal_(module.bias, std=0.1)
+                else:
+                    init.constant_(module.bias, float(bias))
         elif isinstance(module, LayerNorm):
             init.ones_(module.weight)
             if module.bias is not None:
@@ -554,24 +573,10 @@ class xLSTMPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, mLSTMLayer):
-            init.normal_(module.proj_down.weight, std=_wang_init_std(D, L))
             init.ones_(module.learnable_skip)
-            init.zeros_(module.igate.weight)
-            init.normal_(module.igate.bias, std=0.1)
-            init.zeros_(module.fgate.weight)
-            init.copy_(module.fgate.bias, torch.linspace(3.0, 6.0, config.num_heads))
-        elif isinstance(module, mLSTM7BLayer):
-            init.normal_(module.out_proj.weight, std=_wang_init_std(D, L))
-            init.zeros_(module.igate_preact.weight)
-            init.constant_(module.igate_preact.bias, -10.0)
-            init.zeros_(module.fgate_preact.weight)
-            init.copy_(module.fgate_preact.bias, torch.linspace(3.0, 6.0, config.num_heads))
         elif isinstance(module, sLSTMLayer):
             init.zeros_(module.recurrent_kernel)
             init.copy_(module.bias, self._slstm_bias(module))
-        elif isinstance(module, GatedFeedForward):
-            dim = D if config.architecture == "paper" else module.proj_down.in_features
-            init.normal_(module.proj_down.weight, std=_wang_init_std(dim, L))
 
     def _slstm_bias(self, layer: sLSTMLayer) -> torch.Tensor:
         """[NH, 4 * DH]: zeros for i, z, o; the forget gate by `slstm_bias_init` (the paper's power law over the head

@@ -1,0 +1,26 @@
+import pytest
+import torch
+
+import xlstm_hf
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_config(architecture: str = "paper", **overrides) -> xlstm_hf.xLSTMConfig:
+    """A model small enough for CPU tests; chunk_size 8 so that short sequences span several chunks."""
+    kwargs = dict(vocab_size=97, hidden_size=32, num_hidden_layers=3, num_heads=2, chunk_size=8)
+    if architecture == "paper":
+        kwargs["slstm_at"] = [1]
+    kwargs.update(overrides)
+    return xlstm_hf.xLSTMConfig(architecture=architecture, **kwargs)
+
+
+def randomize_(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
+    """Perturb every parameter so that no init symmetry (zero recurrent matrices, unit norms) hides a bug."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return model

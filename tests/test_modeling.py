@@ -1,0 +1,198 @@
+"""Model-level invariants of xLSTMForCausalLM for both families (tolerances: float32 forms of the same function)."""
+
+import pytest
+import torch
+from conftest import randomize_, tiny_config
+from transformers import AutoModel, AutoModelForCausalLM
+
+import xlstm_hf
+
+FAMILIES = {
+    "paper_mixed": dict(architecture="paper"),  # mLSTM blocks with an sLSTM block in the middle
+    "paper_mlstm": dict(architecture="paper", slstm_at=[]),
+    "paper_slstm": dict(architecture="paper", slstm_at=[0, 1, 2]),
+    "7b": dict(architecture="7b"),
+}
+TOL = dict(atol=2e-5, rtol=1e-4)
+
+
+def make(name, **overrides):
+    model = xlstm_hf.xLSTMForCausalLM(tiny_config(**{**FAMILIES[name], **overrides}))
+    return randomize_(model).eval()
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    return request.param
+
+
+def test_auto_classes_and_safetensors_roundtrip(family, tmp_path):
+    config = tiny_config(**FAMILIES[family])
+    model = randomize_(AutoModelForCausalLM.from_config(config)).eval()
+    assert isinstance(model, xlstm_hf.xLSTMForCausalLM)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, config.vocab_size, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    base = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(base, xlstm_hf.xLSTMModel)
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100(family):
+    model = make(family)
+    ids = torch.randint(0, 97, (2, 11))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = model(ids, labels=labels)
+    logits = out.logits[:, :-1].reshape(-1, 97)
+    target = labels[:, 1:].reshape(-1)
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(logits, target, ignore_index=-100))
+
+
+@pytest.mark.parametrize("kernel", ["chunkwise", "parallel", "recurrent"])
+def test_mlstm_kernels_agree_at_model_level(kernel):
+    ids = torch.randint(0, 97, (2, 19))
+    ref = make("paper_mixed")
+    other = xlstm_hf.xLSTMForCausalLM(tiny_config(mlstm_kernel=kernel)).eval()
+    other.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(ids).logits, ref(ids).logits, **TOL)
+
+
+def test_left_padding_gives_the_unpadded_logits(family):
+    model = make(family)
+    ids = torch.randint(0, 97, (3, 17))
+    lengths = [17, 12, 5]
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, 17 - n :] = 1
+    padded = ids.masked_fill(mask == 0, 0)
+    with torch.no_grad():
+        batched = model(padded, attention_mask=mask).logits
+        for row, n in enumerate(lengths):
+            alone = model(ids[row : row + 1, 17 - n :]).logits
+            torch.testing.assert_close(batched[row, 17 - n :], alone[0], **TOL)
+            assert torch.isfinite(batched[row]).all()
+
+
+def test_pieces_with_cache_equal_one_pass(family):
+    model = make(family)
+    ids = torch.randint(0, 97, (2, 23))
+    with torch.no_grad():
+        full = model(ids).logits
+        out, cache, pieces = None, None, []
+        for start, stop in ((0, 9), (9, 10), (10, 23)):
+            out = model(ids[:, start:stop], cache=cache, use_cache=True)
+            cache = out.cache
+            pieces.append(out.logits)
+    torch.testing.assert_close(torch.cat(pieces, 1), full, **TOL)
+    assert cache.get_seq_length() == 23
+
+
+def test_default_use_cache_trains(family):
+    model = make(family).train()
+    assert model.config.use_cache
+    ids = torch.randint(0, 97, (2, 12))
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+
+def test_truncated_bptt_with_detached_cache():
+    model = make("paper_mixed").train()
+    ids = torch.randint(0, 97, (2, 16))
+    out = model(ids[:, :8], labels=ids[:, :8], use_cache=True)
+    out.loss.backward()
+    out2 = model(ids[:, 8:], labels=ids[:, 8:], cache=out.cache.detach(), use_cache=True)
+    out2.loss.backward()
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(family):
+    model = make(family, dropout=0.0).train()
+    ids = torch.randint(0, 97, (2, 12))
+
+    def grads():
+        model.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.activation_checkpointing_enable()
+    assert model.is_activation_checkpointing
+    checkpointed = grads()
+    for name, g in plain.items():
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_output_hidden_states(family):
+    model = make(family)
+    out = model(torch.randint(0, 97, (1, 6)), output_hidden_states=True)
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    final = model.backbone(torch.randint(0, 97, (1, 6))).last_hidden_state
+    assert out.hidden_states[-1].shape == final.shape
+
+
+def test_tied_embeddings_and_resize(tmp_path):
+    model = xlstm_hf.xLSTMForCausalLM(tiny_config(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.backbone.embeddings.weight
+    model.resize_token_embeddings(120)
+    assert model.config.vocab_size == 120 and model.lm_head.weight.shape == (120, 32)
+    assert model.lm_head.weight is model.backbone.embeddings.weight
+    model.save_pretrained(tmp_path)
+    loaded = xlstm_hf.xLSTMForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.backbone.embeddings.weight
+    ids = torch.randint(0, 120, (1, 5))
+    torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits)
+    untied = xlstm_hf.xLSTMForCausalLM(tiny_config())
+    assert untied.lm_head.weight is not untied.backbone.embeddings.weight
+
+
+def test_init_follows_the_papers():
+    model = xlstm_hf.xLSTMForCausalLM(tiny_config(architecture="7b"))
+    layer = model.backbone.blocks[0].mlstm_layer
+    assert torch.all(layer.igate_preact.bias == -10.0) and torch.all(layer.igate_preact.weight == 0)
+    torch.testing.assert_close(layer.fgate_preact.bias, torch.linspace(3.0, 6.0, 2))
+    paper = xlstm_hf.xLSTMForCausalLM(tiny_config())
+    slstm = paper.backbone.blocks[1].slstm_layer
+    assert torch.all(slstm.recurrent_kernel == 0)
+    f_bias = slstm.bias.view(4, 4, 8)[:, 1]  # slstm_num_heads=4, head dim 8
+    assert f_bias[0, 0] == 5.0 and f_bias[0, -1] == -7.0  # the power law from +5 to -7 over the head dim
+    assert torch.all(paper.backbone.blocks[0].mlstm_layer.learnable_skip == 1)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = make("paper_mixed")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[1, 2, 97]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(torch.tensor([[-3, 2]]))
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="batch size"):
+        cache = model(torch.tensor([[1, 2, 3]]), use_cache=True).cache
+        model(torch.tensor([[1], [2]]), cache=cache)
+    with pytest.raises(ValueError, match="S > 0"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="exactly one"):
+        model()
+
+
+def test_bf16_weights_keep_float32_states():
+    model = make("7b").to(torch.bfloat16)
+    out = model(torch.randint(0, 97, (2, 9)), use_cache=True)
+    assert out.logits.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in out.cache.states[0][:3])
+
+
+def test_cache_reorder_selects_rows():
+    model = make("paper_mixed")
+    ids = torch.randint(0, 97, (3, 7))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+        cache.reorder_cache(torch.tensor([2, 2, 0]))
+        nxt = torch.randint(0, 97, (3, 1))
+        got = model(nxt, cache=cache).logits
+        ref = model(torch.cat([ids[[2, 2, 0]], nxt], 1)).logits[:, -1:]
+    torch.testing.assert_close(got, ref, **TOL)
