@@ -1,0 +1,130 @@
+"""CPU benchmark: xlstm_hf against transformers' built-in xLSTM (native PyTorch kernels) with the same weights.
+
+The tiny xLSTM-7B-style model of issue 3 (hidden 256, 4 blocks, 4 heads, vocab 1024), float32:
+  - forward tokens/s at T=2048, batch 2 (no gradients);
+  - training step (forward + backward of the LM loss) time at T=1024, batch 2.
+Writes benchmarks/cpu.json and benchmarks/cpu.png; the last lines printed are the figures and the ratios.
+
+    python scripts/benchmark_cpu.py [--repeats 5] [--threads N]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import xlstm_hf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def builtin_model(mode: str):
+    from transformers.models.xlstm import xLSTMConfig, xLSTMForCausalLM
+
+    config = xLSTMConfig(
+        vocab_size=1024, hidden_size=256, num_hidden_layers=4, num_heads=4, mode=mode, chunk_size=64, use_cache=False
+    )
+    return xLSTMForCausalLM(config)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def forward_time(model, ids, repeats: int) -> float:
+    model.eval()
+
+    def run():
+        with torch.no_grad():
+            model(ids, use_cache=False)
+
+    return timed(run, repeats)
+
+
+def train_step_time(model, ids, repeats: int) -> float:
+    model.train()
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids, use_cache=False).loss.backward()
+
+    return timed(run, repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "cpu.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    theirs_train = builtin_model("train")
+    theirs_infer = builtin_model("inference")
+    theirs_infer.load_state_dict(theirs_train.state_dict())
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs_train.save_pretrained(tmp)
+        ours = xlstm_hf.xLSTMForCausalLM.from_pretrained(tmp)
+
+    fwd_ids = torch.randint(0, 1024, (2, 2048))
+    train_ids = torch.randint(0, 1024, (2, 1024))
+    with torch.no_grad():
+        diff = (ours.eval()(fwd_ids[:, :256]).logits - theirs_infer.eval()(fwd_ids[:, :256]).logits).abs().max()
+    assert diff < 1e-4, f"the two models disagree (max abs logit diff {diff:.2e}): not the same weights"
+
+    results = {}
+    for name, fwd_model, train_model in (("xlstm_hf", ours, ours), ("transformers", theirs_infer, theirs_train)):
+        t_fwd = forward_time(fwd_model, fwd_ids, args.repeats)
+        t_train = train_step_time(train_model, train_ids, args.repeats)
+        results[name] = {"forward_tokens_per_s": fwd_ids.numel() / t_fwd, "train_step_s": t_train}
+    results["forward_speedup"] = results["xlstm_hf"]["forward_tokens_per_s"] / results["transformers"][
+        "forward_tokens_per_s"
+    ]
+    results["train_step_speedup"] = results["transformers"]["train_step_s"] / results["xlstm_hf"]["train_step_s"]
+    results["setup"] = {
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "model": "7b-style hidden 256, 4 blocks, 4 heads, vocab 1024, float32",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+        names = ["xlstm_hf", "transformers"]
+        axes[0].bar(names, [results[n]["forward_tokens_per_s"] for n in names])
+        axes[0].set_title("forward tokens/s (T=2048, B=2)")
+        axes[1].bar(names, [results[n]["train_step_s"] * 1e3 for n in names])
+        axes[1].set_title("train step ms (T=1024, B=2)")
+        fig.tight_layout()
+        fig.savefig(args.out.with_suffix(".png"))
+    except ImportError:
+        pass
+
+    print(f"{'':14s}{'forward tok/s (T=2048,B=2)':>30s}{'train step ms (T=1024,B=2)':>30s}")
+    for name in ("xlstm_hf", "transformers"):
+        r = results[name]
+        print(f"{name:14s}{r['forward_tokens_per_s']:30.0f}{r['train_step_s'] * 1e3:30.1f}")
+    print(f"forward speedup xlstm_hf/transformers: {results['forward_speedup']:.2f}x (target >= 1.2x)")
+    print(f"train step speedup xlstm_hf/transformers: {results['train_step_speedup']:.2f}x (target >= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
