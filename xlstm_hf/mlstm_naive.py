@@ -61,6 +61,19 @@ def _normalise(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor, eps: float
     return num / (torch.maximum(den.abs(), floor) + eps)[..., None]
 
 
+def _segment_decay(g: torch.Tensor) -> torch.Tensor:
+    """g [.., NC] -> [.., NC + 1, NC]: entry (c, c') = g[c' + 1] + ... + g[c - 1] for c' < c, -inf elsewhere.
+    Summed per entry (a masked cumsum) rather than as a difference of two long cumsums, which would lose precision
+    over long sequences."""
+    NC = g.shape[-1]
+    rows = torch.arange(NC, device=g.device)
+    between = rows[:, None] > rows[None, :]  # [NC, NC] (r, c'): r > c'
+    cs = (g[..., :, None] * between).cumsum(-2)  # [.., NC, NC] (r, c') = g[c' + 1] + ... + g[r]
+    seg = F.pad(cs, (0, 0, 1, 0))  # row c holds the sum up to c - 1
+    valid = rows[None, :] < torch.arange(NC + 1, device=g.device)[:, None]  # [NC + 1, NC]: c' < c
+    return seg.masked_fill(~valid, float("-inf"))
+
+
 def mlstm_recurrent_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,33 +201,41 @@ def mlstm_chunkwise(
     b = logf.view(B, NH, NC, L).cumsum(-1)  # [B, NH, NC, L] decay from chunk start to t (inclusive)
     g = b[..., -1]  # [B, NH, NC] decay over the whole chunk
 
-    # 1. inter-chunk recurrence
+    # 1. inter-chunk: the state entering chunk c (c = 0..NC, the last one is the final state) is a weighted sum of the
+    # chunks' own contributions kv[c'] (log scale a_max[c'] at the end of chunk c') decayed by the chunks between,
+    # and of the initial state. One matmul instead of a loop over chunks.
     a = g[..., None] - b + i  # [B, NH, NC, L] log weight of position t in the chunk's end state
     a_max = a.amax(-1)  # [B, NH, NC]
     k_w = k * torch.exp(a - a_max[..., None])[..., None]  # [B, NH, NC, L, DK]
     kv = k_w.transpose(-1, -2) @ v  # [B, NH, NC, DK, DV]
     k_sum = k_w.sum(-2)  # [B, NH, NC, DK]
-    C_in, n_in, m_in = [], [], []
-    for c in range(NC):
-        C_in.append(C)
-        n_in.append(n)
-        m_in.append(m)
-        m_new = torch.maximum(g[..., c] + m, a_max[..., c])
-        decay = torch.exp(g[..., c] + m - m_new)
-        gain = torch.exp(a_max[..., c] - m_new)
-        C = decay[..., None, None] * C + gain[..., None, None] * kv[:, :, c]
-        n = decay[..., None] * n + gain[..., None] * k_sum[:, :, c]
-        m = m_new
-    C_in = torch.stack(C_in, 2)  # [B, NH, NC, DK, DV]
-    n_in = torch.stack(n_in, 2)  # [B, NH, NC, DK]
-    m_in = torch.stack(m_in, 2)  # [B, NH, NC]
+    log_w = a_max[..., None, :] + _segment_decay(g)  # [B, NH, NC + 1, NC] log weight of chunk c' in state c
+    log_w0 = m[..., None] + F.pad(g.cumsum(-1), (1, 0))  # [B, NH, NC + 1] log weight of the initial state
+    m_in = torch.maximum(log_w.amax(-1), log_w0)  # [B, NH, NC + 1]
+    m_ref = torch.where(torch.isinf(m_in), torch.zeros_like(m_in), m_in)  # an empty memory stays 0, not nan
+    w = torch.exp(log_w - m_ref[..., None])  # [B, NH, NC + 1, NC]
+    w0 = torch.exp(log_w0 - m_ref)  # [B, NH, NC + 1]
+    C_all = (w @ kv.flatten(-2)).view(B, NH, NC + 1, DK, DV) + w0[..., None, None] * C[:, :, None]
+    n_all = w @ k_sum + w0[..., None] * n[:, :, None]  # [B, NH, NC + 1, DK]
+    C_in, n_in, m_in, (C, n, m) = (
+        C_all[:, :, :-1],
+        n_all[:, :, :-1],
+        m_in[..., :-1],
+        (
+            C_all[:, :, -1],
+            n_all[:, :, -1],
+            m_in[..., -1],
+        ),
+    )
 
-    # 2. intra-chunk outputs
-    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    log_d = (b[..., :, None] - b[..., None, :] + i[..., None, :]).masked_fill(~causal, float("-inf"))
+    # 2. intra-chunk outputs. log D[t, j] = b[t] - b[j] + i[j] (j <= t); its row max is b[t] + cummax(i - b)[t], so
+    # the [L, L] matrix is built once, already stabilised.
+    w_col = i - b  # [B, NH, NC, L]
     m_inter = b + m_in[..., None]  # [B, NH, NC, L]
-    m_row = torch.maximum(log_d.amax(-1), m_inter)  # [B, NH, NC, L]
-    s_mat = (qs @ k.transpose(-1, -2)) * torch.exp(log_d - m_row[..., None])  # [B, NH, NC, L, L]
+    m_row = torch.maximum(b + w_col.cummax(-1).values, m_inter)  # [B, NH, NC, L]
+    upper = torch.ones(L, L, dtype=torch.bool, device=q.device).triu(1)
+    log_d = ((b - m_row)[..., :, None] + w_col[..., None, :]).masked_fill(upper, float("-inf"))
+    s_mat = (qs @ k.transpose(-1, -2)) * torch.exp(log_d)  # [B, NH, NC, L, L]
     q_inter = qs * torch.exp(m_inter - m_row)[..., None]  # [B, NH, NC, L, DK]
     num = s_mat @ v + q_inter @ C_in  # [B, NH, NC, L, DV]
     den = s_mat.sum(-1) + (q_inter * n_in[..., None, :]).sum(-1)  # [B, NH, NC, L]
