@@ -31,34 +31,36 @@ def builtin_model(mode: str):
     return xLSTMForCausalLM(config)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
+    """Median times of two functions measured alternately, so that a noisy neighbour on the machine slows both."""
+    fn_a()  # warm-up
+    fn_b()
+    times_a, times_b = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    return statistics.median(times_a), statistics.median(times_b)
 
 
-def forward_time(model, ids, repeats: int) -> float:
+def forward_fn(model, ids):
     model.eval()
 
     def run():
         with torch.no_grad():
             model(ids, use_cache=False)
 
-    return timed(run, repeats)
+    return run
 
 
-def train_step_time(model, ids, repeats: int) -> float:
-    model.train()
-
+def train_step_fn(model, ids):
     def run():
+        model.train()
         model.zero_grad(set_to_none=True)
         model(ids, labels=ids, use_cache=False).loss.backward()
 
-    return timed(run, repeats)
+    return run
 
 
 def main() -> None:
@@ -84,14 +86,15 @@ def main() -> None:
         diff = (ours.eval()(fwd_ids[:, :256]).logits - theirs_infer.eval()(fwd_ids[:, :256]).logits).abs().max()
     assert diff < 1e-4, f"the two models disagree (max abs logit diff {diff:.2e}): not the same weights"
 
-    results = {}
-    for name, fwd_model, train_model in (("xlstm_hf", ours, ours), ("transformers", theirs_infer, theirs_train)):
-        t_fwd = forward_time(fwd_model, fwd_ids, args.repeats)
-        t_train = train_step_time(train_model, train_ids, args.repeats)
-        results[name] = {"forward_tokens_per_s": fwd_ids.numel() / t_fwd, "train_step_s": t_train}
-    results["forward_speedup"] = results["xlstm_hf"]["forward_tokens_per_s"] / results["transformers"][
-        "forward_tokens_per_s"
-    ]
+    fwd = timed_pair(forward_fn(ours, fwd_ids), forward_fn(theirs_infer, fwd_ids), args.repeats)
+    train = timed_pair(train_step_fn(ours, train_ids), train_step_fn(theirs_train, train_ids), args.repeats)
+    results = {
+        name: {"forward_tokens_per_s": fwd_ids.numel() / fwd[j], "train_step_s": train[j]}
+        for j, name in enumerate(("xlstm_hf", "transformers"))
+    }
+    results["forward_speedup"] = (
+        results["xlstm_hf"]["forward_tokens_per_s"] / results["transformers"]["forward_tokens_per_s"]
+    )
     results["train_step_speedup"] = results["transformers"]["train_step_s"] / results["xlstm_hf"]["train_step_s"]
     results["setup"] = {
         "threads": torch.get_num_threads(),
