@@ -196,3 +196,23 @@ def test_cache_reorder_selects_rows():
         got = model(nxt, cache=cache).logits
         ref = model(torch.cat([ids[[2, 2, 0]], nxt], 1)).logits[:, -1:]
     torch.testing.assert_close(got, ref, **TOL)
+
+
+@pytest.mark.parametrize("boundary", ["position_ids", "cu_seq_lens_q"])
+def test_packed_documents_equal_separate_runs(family, boundary):
+    model = make(family, dropout=0.0)
+    docs = [torch.randint(0, 97, (n,)) for n in (7, 1, 12, 5)]
+    packed = torch.cat(docs)[None]
+    if boundary == "position_ids":
+        kwargs = {"position_ids": torch.cat([torch.arange(len(d)) for d in docs])[None]}
+    else:
+        kwargs = {"cu_seq_lens_q": torch.tensor([0, 7, 8, 20, 25])}
+    out = model(packed, labels=packed, **kwargs)
+    assert out.cache is None
+    offset = 0
+    for d in docs:
+        alone = model(d[None])
+        torch.testing.assert_close(out.logits[0, offset : offset + len(d)], alone.logits[0], **TOL)
+        offset += len(d)
+    with pytest.raises(ValueError, match="cannot continue from a cache"):
+        model(packed, cache=model(packed[:, :3], use_cache=True).cache, **kwargs)

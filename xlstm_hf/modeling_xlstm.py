@@ -593,6 +593,32 @@ class xLSTMPreTrainedModel(PreTrainedModel):
         return bias.reshape(NH, 4 * DH)
 
 
+def _document_starts(
+    kwargs: dict[str, Any], attention_mask: torch.Tensor | None, B: int, S: int, device: torch.device
+) -> torch.Tensor | None:
+    """[B, S] bool marking the first token of each packed document, or None for one document per row.
+
+    Boundaries come from `cu_seq_lens_q` / `cu_seq_lens_k` (cumulative lengths over the flattened batch) or, without
+    an attention_mask, from `position_ids` restarting at 0 (what DataCollatorWithFlattening produces)."""
+    cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seq_lens_k"))
+    if cu is not None:
+        cu = cu.to(device).long()
+        if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != B * S or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(
+                f"cu_seq_lens_q must rise from 0 to B * S = {B * S} (the flattened batch), got {cu.tolist()}"
+            )
+        starts = torch.zeros(B * S, dtype=torch.bool, device=device)
+        starts[cu[:-1][cu[:-1] < B * S]] = True
+        return starts.view(B, S) if bool(starts.view(B, S)[:, 1:].any()) else None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or attention_mask is not None:
+        return None
+    if tuple(position_ids.shape) != (B, S):
+        raise ValueError(f"position_ids has shape {tuple(position_ids.shape)}, expected {(B, S)}")
+    starts = position_ids.to(device) == 0
+    return starts if bool(starts[:, 1:].any()) else None
+
+
 class xLSTMModel(xLSTMPreTrainedModel):
     """Embeddings, the stack of blocks and the output norm."""
 
@@ -647,6 +673,55 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 f"cache was built for batch size {cache.batch_size}, but the input has batch size {x.shape[0]}"
             )
 
+    def _run_blocks(
+        self, x: torch.Tensor, mask: torch.Tensor | None, states: list, output_hidden_states: bool
+    ) -> tuple[torch.Tensor, list, tuple[torch.Tensor, ...] | None]:
+        """x [B, S, D] through every block, each from its state in `states` (None: empty)."""
+        piece = self.config.prefill_chunk_size
+        if piece is not None and x.shape[1] > piece and not torch.is_grad_enabled() and not output_hidden_states:
+            # Long prompts without gradients: pieces through the whole stack, the state carried between them, so the
+            # activations held at once are bounded by the piece length.
+            outs = []
+            for start in range(0, x.shape[1], piece):
+                sl = slice(start, start + piece)
+                h = x[:, sl]
+                for idx, block in enumerate(self.blocks):
+                    h, states[idx] = block(h, None if mask is None else mask[:, sl], states[idx])
+                outs.append(h)
+            return torch.cat(outs, dim=1), states, None
+        all_hidden = (x,) if output_hidden_states else None
+        for idx, block in enumerate(self.blocks):
+            x, states[idx] = block(x, mask, states[idx])
+            if output_hidden_states:
+                all_hidden += (x,)
+        return x, states, all_hidden
+
+    def _forward_packed(
+        self, x: torch.Tensor, starts: torch.Tensor, output_hidden_states: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Several documents per row (starts [B, S] marks each document's first token): the documents are laid out
+        as a right-padded batch [n_docs, longest, D], run from empty states, and put back in place. Exact: padding
+        is masked, so every document sees only itself, its state and conv window included."""
+        B, S, D = x.shape
+        flat_starts = starts.reshape(-1).clone()
+        flat_starts[::S] = True  # every row starts a document
+        doc = flat_starts.long().cumsum(0) - 1  # [B * S] document of each token
+        first = flat_starts.nonzero().squeeze(-1)  # [n_docs] flat index of each document's first token
+        pos = torch.arange(B * S, device=x.device) - first[doc]  # position inside the document
+        lengths = torch.bincount(doc, minlength=first.shape[0])
+        longest = int(lengths.max())
+        index = (first[:, None] + torch.arange(longest, device=x.device)).clamp(max=B * S - 1)  # [n_docs, longest]
+        mask = torch.arange(longest, device=x.device)[None, :] < lengths[:, None]
+        docs = x.reshape(B * S, D)[index] * mask[..., None].to(x.dtype)
+        y, _, hidden = self._run_blocks(
+            docs, None if bool(mask.all()) else mask, [None] * len(self.blocks), output_hidden_states
+        )
+
+        def unpack(t: torch.Tensor) -> torch.Tensor:
+            return t[doc, pos].view(B, S, -1)
+
+        return unpack(y), tuple(unpack(h) for h in hidden) if hidden is not None else None
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -673,36 +748,27 @@ class xLSTMModel(xLSTMPreTrainedModel):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask.bool()
 
-        if use_cache and cache is None:
-            cache = xLSTMCache(self.config, x.shape[0], device=x.device)
-        states = list(cache.states) if cache is not None else [None] * len(self.blocks)
-
-        piece = self.config.prefill_chunk_size
-        if piece is not None and x.shape[1] > piece and not torch.is_grad_enabled() and not output_hidden_states:
-            # Long prompts without gradients: pieces through the whole stack, the state carried between them, so the
-            # activations held at once are bounded by the piece length.
-            outs = []
-            for start in range(0, x.shape[1], piece):
-                sl = slice(start, start + piece)
-                h = x[:, sl]
-                for idx, block in enumerate(self.blocks):
-                    h, states[idx] = block(h, None if mask is None else mask[:, sl], states[idx])
-                outs.append(h)
-            x = torch.cat(outs, dim=1)
-            all_hidden = None
+        starts = _document_starts(kwargs, attention_mask, x.shape[0], x.shape[1], x.device)
+        if starts is not None:
+            if cache is not None:
+                raise ValueError(
+                    "packed sequences (position_ids restarting at 0 or cu_seq_lens_q) start every document from an "
+                    "empty state: they cannot continue from a cache"
+                )
+            x, all_hidden = self._forward_packed(x, starts, output_hidden_states)
+            use_cache = False
         else:
-            all_hidden = (x,) if output_hidden_states else None
-            for idx, block in enumerate(self.blocks):
-                x, states[idx] = block(x, mask, states[idx])
-                if output_hidden_states:
-                    all_hidden += (x,)
+            if use_cache and cache is None:
+                cache = xLSTMCache(self.config, x.shape[0], device=x.device)
+            states = list(cache.states) if cache is not None else [None] * len(self.blocks)
+            x, states, all_hidden = self._run_blocks(x, mask, states, output_hidden_states)
+            if cache is not None:
+                for idx, state in enumerate(states):
+                    cache.set_layer_state(idx, state)
+                cache.seqlen_offset += x.shape[1]
         x = self.out_norm(x)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (x,)
-        if cache is not None:
-            for idx, s in enumerate(states):
-                cache.set_layer_state(idx, s)
-            cache.seqlen_offset += x.shape[1]
         out = xLSTMOutput(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
         return out if return_dict else out.to_tuple()
 
