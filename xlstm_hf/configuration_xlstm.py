@@ -46,7 +46,7 @@ class xLSTMConfig(PreTrainedConfig):
         backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
         mlstm_eps: epsilon added to the mLSTM normaliser.
         state_dtype: dtype of the recurrent states in the cache (``"float32"`` whatever the weights' dtype).
-        prefill_chunk_size: prompts longer than this are processed in pieces of this length when no gradient is
+        max_inference_chunksize: prompts longer than this are processed in pieces of this length when no gradient is
             needed, so that memory stays bounded (``None`` disables it).
 
     ``"paper"`` fields:
@@ -88,7 +88,7 @@ class xLSTMConfig(PreTrainedConfig):
     backend: str = "auto"
     mlstm_eps: float = 1e-6
     state_dtype: str = "float32"
-    prefill_chunk_size: int | None = 4096
+    max_inference_chunksize: int | None = 4096
     # "paper"
     mlstm_proj_factor: float = 2.0
     conv1d_kernel_size: int = 4
@@ -161,8 +161,8 @@ class xLSTMConfig(PreTrainedConfig):
             check_int(field, 0)
         for field in ("qkv_proj_blocksize", "slstm_num_heads", "proj_round_to"):
             check_int(field, 1)
-        if self.prefill_chunk_size is not None:
-            check_int("prefill_chunk_size", 1)
+        if self.max_inference_chunksize is not None:
+            check_int("max_inference_chunksize", 1)
         check_choice("architecture", ARCHITECTURES)
         check_choice("mlstm_kernel", MLSTM_KERNELS)
         check_choice("backend", BACKENDS)
@@ -275,6 +275,7 @@ _TRANSFORMERS_XLSTM_FIELDS = {
     "gate_soft_cap": "gate_soft_cap",
     "output_logit_soft_cap": "output_logit_soft_cap",
     "use_cache": "use_cache",
+    "max_inference_chunksize": "max_inference_chunksize",
     "pad_token_id": "pad_token_id",
     "bos_token_id": "bos_token_id",
     "eos_token_id": "eos_token_id",

@@ -358,6 +358,10 @@ class xLSTMCache:
         self.batch_size = batch_size
         self.device = device
         self.state_dtype = state_dtype if state_dtype is not None else getattr(torch, config.state_dtype)
+        if not self.state_dtype.is_floating_point:
+            raise ValueError(f"xLSTMCache: state_dtype={self.state_dtype} must be a floating-point dtype")
+        if batch_size < 1:
+            raise ValueError(f"xLSTMCache: batch_size={batch_size} must be >= 1")
         self.states: list[tuple[torch.Tensor, ...] | None] = [None] * config.num_hidden_layers
         self.seqlen_offset = 0
 
@@ -378,7 +382,33 @@ class xLSTMCache:
         self.states[idx] = tuple(t.to(self.state_dtype) for t in state[:n_recurrent]) + tuple(state[n_recurrent:])
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """Tokens processed so far (generate() uses it to pass only the new tokens of a continued prompt)."""
         return self.seqlen_offset
+
+    @property
+    def is_linear(self) -> list[bool]:
+        # generate() slices a continued prompt by get_seq_length() only for layers that are not "linear" (its name for
+        # caches that do not count tokens); this cache counts them.
+        return [False] * len(self.states)
+
+    def check_compatible(self, config: xLSTMConfig, batch_size: int, dtype: torch.dtype) -> None:
+        """Raise a ValueError naming the mismatch when this cache cannot continue a batch of this model."""
+        if len(self.states) != config.num_hidden_layers or self.config.block_types != config.block_types:
+            raise ValueError(
+                f"cache was built for blocks {''.join(self.config.block_types)}, the model has "
+                f"{''.join(config.block_types)}"
+            )
+        if self.batch_size != batch_size:
+            raise ValueError(
+                f"cache was built for batch size {self.batch_size}, but the input has batch size {batch_size}"
+            )
+        for idx, state in enumerate(self.states):
+            conv = state[-1] if state is not None and len(state) in (4, 5) else None
+            if conv is not None and conv.dtype != dtype:
+                raise ValueError(
+                    f"cache block {idx} holds a conv window of dtype {conv.dtype}, but the activations are {dtype}: "
+                    "a cache is tied to the dtype of the model that filled it"
+                )
 
     @property
     def nbytes(self) -> int:
@@ -668,16 +698,16 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(x.shape[:2])} (the "
                 "xLSTM is recurrent: with a cache, pass the mask of the new tokens only)"
             )
-        if cache is not None and cache.batch_size != x.shape[0]:
-            raise ValueError(
-                f"cache was built for batch size {cache.batch_size}, but the input has batch size {x.shape[0]}"
-            )
+        if cache is not None:
+            if not isinstance(cache, xLSTMCache):
+                raise ValueError(f"cache must be an xLSTMCache, got {type(cache).__name__}")
+            cache.check_compatible(self.config, x.shape[0], self.embeddings.weight.dtype)
 
     def _run_blocks(
         self, x: torch.Tensor, mask: torch.Tensor | None, states: list, output_hidden_states: bool
     ) -> tuple[torch.Tensor, list, tuple[torch.Tensor, ...] | None]:
         """x [B, S, D] through every block, each from its state in `states` (None: empty)."""
-        piece = self.config.prefill_chunk_size
+        piece = self.config.max_inference_chunksize
         if piece is not None and x.shape[1] > piece and not torch.is_grad_enabled() and not output_hidden_states:
             # Long prompts without gradients: pieces through the whole stack, the state carried between them, so the
             # activations held at once are bounded by the piece length.
@@ -798,6 +828,18 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> xLSTMModel:
         return self.backbone
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        """generate() keeps the attention mask of the whole text; the recurrence needs the mask of the tokens it is
+        given (the state carries the rest), and takes no position ids."""
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        inputs.pop("position_ids", None)
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            new = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            mask = mask[:, -new.shape[1] :]
+            inputs["attention_mask"] = None if bool(mask.all()) else mask
+        return inputs
 
     def forward(
         self,
