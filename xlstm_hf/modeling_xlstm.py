@@ -115,6 +115,22 @@ class HeadwiseLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+def fused_linears(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
+    """The projections `owner.<name>(x)` of one input as a single matmul over concatenated weights: one pass over x
+    instead of one per projection (the gate projections have only NH outputs each). Used only for many rows (training,
+    prefill), where concatenating the weights costs little next to the activations; a single decode step calls the
+    modules. The modules are looked up on every call and must be plain nn.Linear without an accelerate hook, otherwise
+    (PEFT adapters, offloaded weights) they are called one by one so that they keep working."""
+    linears = [getattr(owner, name) for name in names]
+    if x.numel() // x.shape[-1] < 64 or not all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") for m in linears):
+        return [m(x) for m in linears]
+    weight = torch.cat([m.weight for m in linears])
+    bias = None
+    if any(m.bias is not None for m in linears):
+        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
+    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+
+
 def _apply_mask_to_gates(
     i: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,19 +245,20 @@ class mLSTM7BLayer(nn.Module):
         self.multihead_norm = MultiHeadLayerNorm(config.v_dim, config.norm_eps, bias=bias)
         self.out_proj = _init_spec(nn.Linear(config.v_dim, D, bias=bias), wang_dim=D)
         self.dropout = nn.Dropout(config.dropout)
+        self.gate_soft_cap = config.gate_soft_cap
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         B, S, _ = x.shape
         NH = self.num_heads
-        q, k, v = (proj(x).view(B, S, NH, -1).transpose(1, 2) for proj in (self.q, self.k, self.v))
-        cap = self.config.gate_soft_cap
-        i = soft_cap(self.igate_preact(x).float(), cap).transpose(1, 2)  # [B, NH, S]
-        f = soft_cap(self.fgate_preact(x).float(), cap).transpose(1, 2)
+        q, k, v, o, i, f = fused_linears(self, ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact"), x)
+        q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
+        i = soft_cap(i.float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
+        f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
         i, f = _apply_mask_to_gates(i, f, mask)
         h, state = mlstm_sequence(q, k, v, i, f, state, self.config)  # [B, NH, S, DV]
-        h = torch.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h)
+        h = torch.sigmoid(o) * self.multihead_norm(h)
         return self.dropout(self.out_proj(h)), state
 
 
@@ -299,7 +316,8 @@ class GatedFeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj_down(self.act(self.proj_up_gate(x)) * self.proj_up(x)))
+        gate, up = fused_linears(self, ("proj_up_gate", "proj_up"), x)
+        return self.dropout(self.proj_down(self.act(gate) * up))
 
 
 class xLSTMBlock(GradientCheckpointingLayer):
