@@ -216,3 +216,13 @@ def test_packed_documents_equal_separate_runs(family, boundary):
         offset += len(d)
     with pytest.raises(ValueError, match="cannot continue from a cache"):
         model(packed, cache=model(packed[:, :3], use_cache=True).cache, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["paper_mixed", "7b"])
+def test_reference_path_compiles_without_graph_breaks(family):
+    import torch._dynamo
+
+    model = make(family, use_cache=False)
+    ids = torch.randint(0, 97, (2, 12))
+    explanation = torch._dynamo.explain(model)(ids, labels=ids)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]

@@ -702,15 +702,14 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 f"xLSTMModel.forward: {name} has shape {tuple(x.shape)}, expected [B, S] with S > 0"
                 + ("" if input_ids is not None else " and a last dim D")
             )
-        if (
-            input_ids is not None
-            and input_ids.numel()
-            and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size)
-        ):
-            bad = input_ids[(input_ids < 0) | (input_ids >= self.config.vocab_size)][0].item()
-            raise ValueError(
-                f"input_ids contains token id {bad} outside the vocabulary [0, vocab_size={self.config.vocab_size})"
-            )
+        # A data-dependent check: skipped while torch.compile traces, where it would break the graph.
+        if input_ids is not None and not torch.compiler.is_compiling():
+            bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"input_ids contains token id {input_ids[bad][0].item()} outside the vocabulary "
+                    f"[0, vocab_size={self.config.vocab_size})"
+                )
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(x.shape[:2])} (the "
@@ -793,7 +792,7 @@ class xLSTMModel(xLSTMPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             mask = attention_mask.bool()
 
         starts = _document_starts(kwargs, attention_mask, x.shape[0], x.shape[1], x.device)
