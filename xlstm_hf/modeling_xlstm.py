@@ -63,8 +63,7 @@ class RMSNorm(LayerNorm):
     """RMSNorm over the last dim with float32 reductions (the xLSTM-7B norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        y = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
         return y + self.bias if self.bias is not None else y
 
 
