@@ -63,7 +63,9 @@ class RMSNorm(LayerNorm):
     """RMSNorm over the last dim with float32 reductions (the xLSTM-7B norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
+        # Written out: F.rms_norm costs ~30 us on a single decode token on CPU, twice these five ops.
+        xf = x.float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
         return y + self.bias if self.bias is not None else y
 
 
