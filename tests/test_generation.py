@@ -185,3 +185,15 @@ def test_long_prompt_prefills_in_bounded_memory():
     assert res.returncode == 0, res.stderr
     grown_mb = float(res.stdout.strip().splitlines()[-1])
     assert grown_mb < 150, f"peak memory grew by {grown_mb:.0f} MB"
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    model = make("mixed")
+    prompt = torch.randint(1, 96, (2, 6))
+    eager = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    model.config.compile_decode = True
+    compiled = model.generate(
+        prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    assert torch.equal(eager.sequences, compiled.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), **LOGIT_TOL)

@@ -46,6 +46,8 @@ class xLSTMConfig(PreTrainedConfig):
         backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
         mlstm_eps: epsilon added to the mLSTM normaliser.
         state_dtype: dtype of the recurrent states in the cache (``"float32"`` whatever the weights' dtype).
+        compile_decode: run each single-token decoding step through ``torch.compile`` (compiled on the first step, about
+            half a minute on CPU; then several times less Python overhead per token). Off by default.
         max_inference_chunksize: prompts longer than this are processed in pieces of this length when no gradient is
             needed, so that memory stays bounded (``None`` disables it).
 
@@ -89,6 +91,7 @@ class xLSTMConfig(PreTrainedConfig):
     mlstm_eps: float = 1e-6
     state_dtype: str = "float32"
     max_inference_chunksize: int | None = 4096
+    compile_decode: bool = False
     # "paper"
     mlstm_proj_factor: float = 2.0
     conv1d_kernel_size: int = 4
@@ -181,7 +184,7 @@ class xLSTMConfig(PreTrainedConfig):
         check_float("gate_soft_cap", 0.0, allow_none=True)
         check_float("output_logit_soft_cap", 0.0, allow_none=True)
         check_float("initializer_range", 0.0, strict=False)
-        for field in ("use_bias", "add_out_norm", "tie_word_embeddings", "use_cache"):
+        for field in ("use_bias", "add_out_norm", "tie_word_embeddings", "use_cache", "compile_decode"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "must be a bool")
 

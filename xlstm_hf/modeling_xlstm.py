@@ -8,6 +8,7 @@ chosen. Every tensor inside a layer is [B, S, D] (residual stream) or [B, NH, S,
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -383,6 +384,9 @@ class xLSTMCache:
             raise ValueError(f"xLSTMCache: batch_size={batch_size} must be >= 1")
         self.states: list[tuple[torch.Tensor, ...] | None] = [None] * config.num_hidden_layers
         self.seqlen_offset = 0
+        # (C, n, m) of an mLSTM block, (h, c, n, m) of an sLSTM block; a conv window may follow
+        self._n_recurrent = [3 if t == "m" else 4 for t in config.block_types]
+        self._block_types = config.block_types
 
     def __len__(self) -> int:
         return len(self.states)
@@ -397,8 +401,8 @@ class xLSTMCache:
         return self.states[idx]
 
     def set_layer_state(self, idx: int, state: tuple[torch.Tensor, ...]) -> None:
-        n_recurrent = 3 if self.config.block_types[idx] == "m" else 4
-        self.states[idx] = tuple(t.to(self.state_dtype) for t in state[:n_recurrent]) + tuple(state[n_recurrent:])
+        n = self._n_recurrent[idx]
+        self.states[idx] = tuple(t.to(self.state_dtype) for t in state[:n]) + tuple(state[n:])
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
         """Tokens processed so far (generate() uses it to pass only the new tokens of a continued prompt)."""
@@ -412,10 +416,9 @@ class xLSTMCache:
 
     def check_compatible(self, config: xLSTMConfig, batch_size: int, dtype: torch.dtype) -> None:
         """Raise a ValueError naming the mismatch when this cache cannot continue a batch of this model."""
-        if len(self.states) != config.num_hidden_layers or self.config.block_types != config.block_types:
+        if self.config is not config and self._block_types != config.block_types:
             raise ValueError(
-                f"cache was built for blocks {''.join(self.config.block_types)}, the model has "
-                f"{''.join(config.block_types)}"
+                f"cache was built for blocks {''.join(self._block_types)}, the model has {''.join(config.block_types)}"
             )
         if self.batch_size != batch_size:
             raise ValueError(
@@ -642,6 +645,17 @@ class xLSTMPreTrainedModel(PreTrainedModel):
         return bias.reshape(NH, 4 * DH)
 
 
+_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: nn.Module):
+    """torch.compile of `model._decode_step`, one per model instance, kept outside the module so that the model
+    still pickles and deep-copies."""
+    if model not in _COMPILED_STEPS:
+        _COMPILED_STEPS[model] = torch.compile(model._decode_step, dynamic=False)
+    return _COMPILED_STEPS[model]
+
+
 def _document_starts(
     kwargs: dict[str, Any], attention_mask: torch.Tensor | None, B: int, S: int, device: torch.device
 ) -> torch.Tensor | None:
@@ -847,6 +861,45 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> xLSTMModel:
         return self.backbone
 
+    def _use_compiled_step(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        cache: xLSTMCache | None,
+        labels: torch.LongTensor | None,
+        output_hidden_states: bool | None,
+        kwargs: dict[str, Any],
+    ) -> bool:
+        """`config.compile_decode`: a plain decoding step (one token per row, after a prefill) goes through
+        `_decode_step` compiled; anything else runs eagerly."""
+        return bool(
+            self.config.compile_decode
+            and input_ids is not None
+            and input_ids.dim() == 2
+            and input_ids.shape[1] == 1
+            and attention_mask is None
+            and labels is None
+            and not output_hidden_states
+            and not kwargs
+            and isinstance(cache, xLSTMCache)
+            and all(s is not None for s in cache.states)
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+
+    def _decode_step(self, input_ids: torch.LongTensor, states: list) -> tuple[torch.Tensor, list]:
+        """One token per row [B, 1] through the whole model from non-empty states -> logits [B, 1, V] and the new
+        states: the function that `compile_decode` compiles."""
+        x = self.backbone.embeddings(input_ids)
+        new = []
+        for block, state in zip(self.backbone.blocks, states, strict=True):
+            x, state = block(x, None, state)
+            new.append(state)
+        logits = self.lm_head(self.backbone.out_norm(x))
+        if self.config.architecture == "7b":
+            logits = soft_cap(logits, self.config.output_logit_soft_cap)
+        return logits, new
+
     def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
         """generate() keeps the attention mask of the whole text; the recurrence needs the mask of the tokens it is
         given (the state carries the rest), and takes no position ids."""
@@ -876,6 +929,14 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         the last positions only (0: all)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if self._use_compiled_step(input_ids, attention_mask, cache, labels, output_hidden_states, kwargs):
+            self.backbone._check_inputs(input_ids, None, None, cache)
+            logits, states = _compiled_step(self)(input_ids, list(cache.states))
+            for idx, state in enumerate(states):
+                cache.set_layer_state(idx, state)
+            cache.seqlen_offset += 1
+            result = xLSTMCausalLMOutput(logits=logits, cache=cache)
+            return result if return_dict else result.to_tuple()
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
