@@ -127,7 +127,9 @@ def test_cache_memory_is_constant_in_generated_length():
     model = make()
     prompt = torch.randint(1, 96, (1, 4))
     short = model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True)
-    long = model.generate(prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=False, return_dict_in_generate=True)
+    long = model.generate(
+        prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=False, return_dict_in_generate=True
+    )
     assert long.sequences.shape[1] == 1004
     assert short.cache.nbytes == long.cache.nbytes > 0
     assert long.cache.get_seq_length() == 1003  # the last token is sampled, not yet fed

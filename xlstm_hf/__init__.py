@@ -26,3 +26,27 @@ __all__ = [
     "xLSTMModel",
     "xLSTMPreTrainedModel",
 ]
+
+# --- PEFT: default LoRA target modules of model_type "xlstm_hf" -------------------------------------------------------
+# PEFT fills `target_modules=None` from its per-model-type mapping (peft.utils.TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_
+# MAPPING, read by the tuners at get_peft_model time); an entry for our model_type makes `LoraConfig(task_type=
+# "CAUSAL_LM")` (and DoRA, which is LoRA with use_dora=True) work without naming modules. The targets are the nn.Linear
+# projections into and out of every mixer and feed-forward: the block-diagonal q/k/v and sLSTM gate maps of the paper
+# stack are not nn.Linear, so LoRA cannot wrap them, and the gate projections have only one output per head.
+try:
+    import peft.utils as _peft_utils
+
+    LORA_TARGET_MODULES = ["proj_up", "proj_up_gate", "proj_down", "q", "k", "v", "out_proj"]
+    for _name in (
+        "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+        "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
+        "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
+        "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
+    ):
+        _mapping = getattr(_peft_utils, _name, None)
+        if _mapping is not None:
+            _mapping.setdefault(xLSTMConfig.model_type, list(LORA_TARGET_MODULES))
+    del _name, _mapping, _peft_utils
+except ImportError:
+    pass
+# --- end PEFT -----------------------------------------------------------------------------------------------------------

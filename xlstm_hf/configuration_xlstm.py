@@ -206,6 +206,11 @@ class xLSTMConfig(PreTrainedConfig):
                 fail("pad_token_id", f"must be a token id in [0, vocab_size={self.vocab_size})")
 
         if self.architecture == "paper":
+            if "m" in self.block_types and self.conv1d_kernel_size < 1:
+                fail(
+                    "conv1d_kernel_size",
+                    "must be >= 1: the paper's mLSTM layer has a causal conv (0 is for sLSTM-only)",
+                )
             inner = self.mlstm_inner_dim
             if inner % self.num_heads:
                 fail("num_heads", f"does not divide the mLSTM inner width {inner} (hidden_size*mlstm_proj_factor)")
