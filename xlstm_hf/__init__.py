@@ -27,7 +27,7 @@ __all__ = [
     "xLSTMPreTrainedModel",
 ]
 
-# --- PEFT: default LoRA target modules of model_type "xlstm_hf" -------------------------------------------------------
+# PEFT: default LoRA target modules of model_type "xlstm_hf" (block start).
 # PEFT fills `target_modules=None` from its per-model-type mapping (peft.utils.TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_
 # MAPPING, read by the tuners at get_peft_model time); an entry for our model_type makes `LoraConfig(task_type=
 # "CAUSAL_LM")` (and DoRA, which is LoRA with use_dora=True) work without naming modules. The targets are the nn.Linear
@@ -49,4 +49,4 @@ try:
     del _name, _mapping, _peft_utils
 except ImportError:
     pass
-# --- end PEFT -----------------------------------------------------------------------------------------------------------
+# PEFT (block end).
