@@ -18,6 +18,7 @@ from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import huggingface_hub.hf_api
+import huggingface_hub.utils as hub_utils
 import pytest
 import transformers.utils.hub
 from hub_server import HubServer
@@ -110,9 +111,15 @@ def _patch_environment(monkeypatch: pytest.MonkeyPatch, endpoint: str, token: st
 @contextlib.contextmanager
 def local_hub_context(home: Path) -> Iterator[LocalHub]:
     """Start a loopback Hub, point the libraries at it with HF_HOME=`home`, and undo both on exit."""
-    with HubServer(token=TOKEN) as server, pytest.MonkeyPatch.context() as monkeypatch:
-        _patch_environment(monkeypatch, server.endpoint, server.token, home)
-        yield LocalHub(server, home, monkeypatch)
+    bars_were_disabled = hub_utils.are_progress_bars_disabled()
+    hub_utils.disable_progress_bars()
+    try:
+        with HubServer(token=TOKEN) as server, pytest.MonkeyPatch.context() as monkeypatch:
+            _patch_environment(monkeypatch, server.endpoint, server.token, home)
+            yield LocalHub(server, home, monkeypatch)
+    finally:
+        if not bars_were_disabled:
+            hub_utils.enable_progress_bars()
 
 
 @pytest.fixture

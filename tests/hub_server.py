@@ -626,6 +626,11 @@ class HubHandler(BaseHTTPRequestHandler):
         self._send(302, b"", headers)
 
 
+class _ThreadingServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 64  # huggingface_hub opens several connections at once (parallel LFS uploads)
+
+
 class HubServer:
     """The Hub API on 127.0.0.1 (a free port) plus its "CDN" on a second port, each served by a daemon thread.
 
@@ -662,8 +667,7 @@ class HubServer:
 
     def _serve(self, is_cdn: bool) -> ThreadingHTTPServer:
         handler = type("BoundHubHandler", (HubHandler,), {"state": self.state, "is_cdn": is_cdn})
-        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        server.daemon_threads = True
+        server = _ThreadingServer(("127.0.0.1", 0), handler)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
         self._servers.append(server)
