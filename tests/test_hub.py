@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.dynamic_module_utils import get_imports
 
 import xlstm_hf
-from xlstm_hf.hub import block_pattern, check_checkpoint, count_parameters
+from xlstm_hf.hub import block_pattern, check_checkpoint, count_parameters, model_card, push_model
 
 pytest_plugins = ["hub_fixtures"]
 # huggingface_hub's own LFS PUT passes `data=` to httpx2.
@@ -158,17 +158,19 @@ def test_uploaded_code_is_exactly_the_package_modeling_files(pushed, module_loca
         assert imports <= {"torch", "transformers", "safetensors"}, f"{name} needs {imports}"
 
 
-# Run in a child whose imports cannot find xlstm_hf: finders and sys.path entries that provide it (an editable
-# install's finder, the repository on sys.path) are removed before anything else is imported.
+# Run in a child (python -I, cwd outside the repository) where xlstm_hf cannot be imported however it is installed
+# (editable finder, site-packages, a path entry): a finder placed first answers every `xlstm_hf` import with
+# ModuleNotFoundError, as on a machine without the package.
 CHILD = r"""
 import json, sys
-from importlib.machinery import PathFinder
 
-sys.meta_path[:] = [
-    f for f in sys.meta_path
-    if f is PathFinder or not hasattr(f, "find_spec") or f.find_spec("xlstm_hf", None) is None
-]
-sys.path[:] = [p for p in sys.path if PathFinder.find_spec("xlstm_hf", [p]) is None]
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name == "xlstm_hf" or name.startswith("xlstm_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
 try:
     import xlstm_hf
 except ImportError:
@@ -325,3 +327,30 @@ def test_push_checkpoint_refuses_a_damaged_directory(pushed, tmp_path):
     (out / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="pytorch_model.bin: re-save with safe_serialization"):
         check_checkpoint(out)
+
+
+def test_push_model_is_one_commit_with_the_card(pushed, module_local_hub):
+    before = len(module_local_hub.server.commit_ids("org/xlstm-tiny"))
+    commit = push_model(pushed.v2, "org/one-commit", tokenizer=pushed.tokenizer, datasets=["tiny-text"])
+    assert module_local_hub.server.commit_ids("org/one-commit")[1:] == [commit.oid]
+    files = module_local_hub.server.files("org/one-commit")
+    assert {"README.md", "config.json", "tokenizer.json", "modeling_xlstm.py", "model.safetensors"} <= set(files)
+    assert "xLSTM[2:1]" in module_local_hub.server.read("org/one-commit", "README.md").decode()
+    assert len(module_local_hub.server.commit_ids("org/xlstm-tiny")) == before
+
+
+@pytest.mark.parametrize(
+    ("architecture", "slstm_at", "layers", "pattern"),
+    [("paper", [], 2, "xLSTM[1:0]"), ("paper", [7], 8, "xLSTM[7:1]"), ("paper", [0, 1], 2, "xLSTM[0:1]"),
+     ("7b", [], 2, "xLSTM-7B layout")],
+)  # fmt: skip
+def test_model_card_pattern_and_parameter_count(architecture, slstm_at, layers, pattern):
+    config = xlstm_hf.xLSTMConfig(
+        architecture=architecture, vocab_size=97, hidden_size=64, num_hidden_layers=layers, num_heads=2,
+        slstm_at=slstm_at, tie_word_embeddings=True,
+    )  # fmt: skip
+    n = sum(p.numel() for p in xlstm_hf.xLSTMForCausalLM(config).parameters())  # the tied matrix once
+    assert block_pattern(config) == pattern and count_parameters(config) == n
+    card = model_card(config, repo_id="org/card").content
+    assert pattern in card and f"{n:,}" in card and "| Tied embeddings | True |" in card
+    assert ("sLSTM heads" in card) == bool(slstm_at)

@@ -195,3 +195,12 @@ def test_commit_api_rejects_unknown_lfs_object(local_hub):
     with pytest.raises(HfHubHTTPError, match="was not uploaded") as err:
         api.create_commit(REPO, operations=[op], commit_message="dangling")
     assert err.value.response.status_code == 422
+
+
+def test_private_repo_needs_the_token(local_hub):
+    huggingface_hub.create_repo(REPO, private=True)
+    assert HfApi().model_info(REPO).private is True
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi().model_info(REPO, token=False)
+    with pytest.raises(RepositoryNotFoundError):
+        huggingface_hub.hf_hub_download(REPO, ".gitattributes", token=False)

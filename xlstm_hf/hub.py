@@ -5,6 +5,9 @@ Not imported by the modeling files (nor copied to the Hub with them): the Hub ex
     card = model_card(config, repo_id="org/name", num_parameters=n)   # a huggingface_hub.ModelCard
     write_model_card("out/")                                         # README.md from out/config.json + weights
     push_checkpoint("out/", "org/name")                              # validate, card, create repo, upload_folder
+    push_model(model, "org/name", tokenizer=tok, datasets=[...])     # save + card + push in one commit
+
+`model.push_to_hub` (transformers) works too, with transformers' template card instead of this one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -289,3 +293,25 @@ def push_checkpoint(
         commit_message=commit_message or f"Upload xLSTM checkpoint from {directory.resolve().name}",
         ignore_patterns=list(IGNORE_PATTERNS),
     )
+
+
+def push_model(
+    model: Any,
+    repo_id: str,
+    *,
+    tokenizer: Any = None,
+    max_shard_size: int | str = "5GB",
+    training_arguments: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    **push_kwargs: Any,
+) -> CommitInfo:
+    """Save `model` (and `tokenizer`) with a model card and push them in one commit (see `push_checkpoint`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_model_card(
+            tmp, repo_id=repo_id, training_arguments=training_arguments, datasets=datasets, metrics=metrics
+        )
+        return push_checkpoint(tmp, repo_id, **push_kwargs)
