@@ -204,3 +204,21 @@ def test_private_repo_needs_the_token(local_hub):
         HfApi().model_info(REPO, token=False)
     with pytest.raises(RepositoryNotFoundError):
         huggingface_hub.hf_hub_download(REPO, ".gitattributes", token=False)
+
+
+def test_checksums_match_and_catch_a_corrupted_download(local_hub, tmp_path):
+    """Tree oids are the client's git-sha1 / sha256: a clean download verifies, a same-size corruption does not."""
+    huggingface_hub.create_repo(REPO)
+    huggingface_hub.upload_folder(repo_id=REPO, folder_path=write_folder(tmp_path, FILES))
+    huggingface_hub.snapshot_download(REPO)
+    clean = HfApi().verify_repo_checksums(REPO, cache_dir=local_hub.cache_dir)
+    assert clean.checked_count == len(FILES) + 1 and not clean.mismatches and not clean.missing_paths
+
+    good = FILES["weights.safetensors"]
+    local_hub.server.corrupt_lfs_object(REPO, "weights.safetensors", bytes([good[0] ^ 1]) + good[1:])
+    local_hub.fresh_cache()
+    path = huggingface_hub.hf_hub_download(REPO, "weights.safetensors")  # the size matches: no error here
+    assert Path(path).read_bytes() != good
+    huggingface_hub.snapshot_download(REPO)
+    corrupted = HfApi().verify_repo_checksums(REPO, cache_dir=local_hub.cache_dir)
+    assert [m["path"] for m in corrupted.mismatches] == ["weights.safetensors"]
