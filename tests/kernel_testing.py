@@ -1,0 +1,50 @@
+"""Shared by the Triton kernel tests: device choice, interpreter check, and the error measure.
+
+Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), which triton chooses when a function
+is decorated: triton's own library (tl.sum, tl.cumsum, ...) at `import triton`, our kernels when their module is
+first imported. The repository's root conftest.py sets the variable before anything imports triton; ``load_kernels``
+re-imports a kernel module that was imported before that (compiled for a GPU), and fails with an explanation when
+triton itself was imported too early (a test run that bypasses the root conftest.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_kernels(name: str) -> ModuleType:
+    """Imports ``xlstm_hf.<name>``, interpreted when there is no GPU."""
+    if DEVICE == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    module = importlib.import_module(f"xlstm_hf.{name}")
+    if DEVICE == "cpu" and not module.INTERPRETED:
+        module = importlib.reload(module)
+    if DEVICE == "cpu" and not isinstance(triton.language.standard.sum, InterpretedFunction):
+        pytest.fail(
+            "triton was imported before TRITON_INTERPRET=1 was set; run pytest from the repository root (its "
+            "conftest.py sets it) or export TRITON_INTERPRET=1"
+        )
+    return module
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / max(||expected||, 1e-3 sqrt(numel)), in float64. The floor compares tensors that
+    are zero up to eps-sized terms (df at S = 1 without a state, for instance) absolutely, at 1e-3 per element."""
+    a, e = actual.double(), expected.double()
+    return ((a - e).norm() / max(e.norm().item(), 1e-3 * e.numel() ** 0.5)).item()
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, name: str = "") -> None:
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: not finite"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"

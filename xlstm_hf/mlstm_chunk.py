@@ -1,0 +1,671 @@
+"""Chunkwise mLSTM in Triton: forward and backward, matching ``mlstm_naive.mlstm_chunkwise``.
+
+Notation as in ``mlstm_naive``: q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S]; state (C [B, NH, DK, DV],
+n [B, NH, DK], m [B, NH]) float32. L is the chunk length, NC = ceil(S / L); the last chunk is padded with positions
+that do not touch the memory (input gate ``MASKED_IGATE``, forget gate 1, zero q, k, v), as in the reference.
+
+Forward:
+    1. ``_chunk_states_fwd_kernel``: the state entering every chunk, by a recurrence over the NC chunks
+       (one program per (B * NH, DK tile, DV tile)).
+    2. ``_chunk_output_fwd_kernel``: within each chunk, the stabilised quadratic form over L positions plus the
+       entering state (one program per (chunk, DV tile, B * NH)).
+Backward, with m treated as a stabiliser (a constant) inside the kernels:
+    3. ``_chunk_states_bwd_kernel``: the gradient of every entering state, by the reverse recurrence.
+    4. ``_chunk_dqk_bwd_kernel`` and ``_chunk_dv_bwd_kernel``: dq, dk and dv within each chunk.
+    5. ``_gate_grads``: di and df from the identities di_t = k_t . dk_t and dF_t = q_t . dq_t - k_t . dk_t
+       (F the cumulative log forget gate), plus the derivative through the stabiliser m (the argmax of each m_t),
+       which the reference's autograd also takes: h depends on m only through eps, the returned state through
+       its scale exp(m).
+
+All three state tensors, m included, receive gradients (the initial m through the same stabiliser path).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the model then runs the PyTorch reference
+    HAS_TRITON = False
+
+# Triton decides at decoration (this import) whether the kernels run compiled or in its CPU interpreter.
+INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _require_triton() -> None:
+    if not HAS_TRITON:
+        raise ImportError("the Triton mLSTM kernels need triton: `pip install triton` (a GPU, or TRITON_INTERPRET=1)")
+
+
+if HAS_TRITON:
+    _MASKED_IGATE_C = tl.constexpr(MASKED_IGATE)
+    _MIN_M_C = tl.constexpr(_MIN_M_FOR_FLOOR)
+
+    @triton.jit
+    def _dot(a, b, DT: tl.constexpr, PRECISION: tl.constexpr):
+        """a [M, K] @ b [K, N] with the operands rounded to DT and a float32 result. PRECISION "emulate" multiplies
+        the rounded operands in float32: the interpreter's tl.dot multiplies bfloat16 bit patterns as integers."""
+        if PRECISION == "emulate":
+            return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a.to(DT), b.to(DT), input_precision=PRECISION)
+
+    @triton.jit
+    def _chunk_states_fwd_kernel(
+        k_ptr,
+        v_ptr,
+        i_ptr,
+        logf_ptr,
+        C0_ptr,
+        n0_ptr,
+        m0_ptr,
+        Cs_ptr,
+        ns_ptr,
+        ms_ptr,
+        C_ptr,
+        n_ptr,
+        S,
+        NC,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BL: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_k = tl.program_id(1)
+        i_v = tl.program_id(2)
+        DT = k_ptr.dtype.element_ty
+        o_l = tl.arange(0, BL)
+        o_k = i_k * BK + tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_k = o_k < DK
+        mask_v = o_v < DV
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        o_kv = o_k[:, None] * DV + o_v[None, :]  # [BK, BV]
+
+        C = tl.load(C0_ptr + i_bh * DK * DV + o_kv, mask=mask_kv, other=0.0)  # [BK, BV]
+        n = tl.load(n0_ptr + i_bh * DK + o_k, mask=mask_k, other=0.0)  # [BK]
+        m = tl.load(m0_ptr + i_bh)
+        for c in range(0, NC):
+            tl.store(Cs_ptr + (i_bh * NC + c) * DK * DV + o_kv, C, mask=mask_kv)
+            if i_v == 0:
+                tl.store(ns_ptr + (i_bh * NC + c) * DK + o_k, n, mask=mask_k)
+            if (i_k == 0) & (i_v == 0):
+                tl.store(ms_ptr + i_bh * (NC + 1) + c, m)
+            o_t = c * BL + o_l
+            mask_t = o_t < S
+            ig = tl.load(i_ptr + i_bh * S + o_t, mask=mask_t, other=_MASKED_IGATE_C)  # [BL]
+            lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+            b = tl.cumsum(lf, axis=0)  # [BL]
+            g = tl.sum(lf, axis=0)
+            a = g - b + ig  # [BL]
+            m_new = tl.maximum(g + m, tl.max(a, axis=0))
+            w = tl.exp(a - m_new)  # [BL]
+            decay = tl.exp(g + m - m_new)
+            kc = tl.load(
+                k_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0
+            ).to(tl.float32)  # [BL, BK]
+            vc = tl.load(
+                v_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0
+            )  # [BL, BV]
+            kw = kc * w[:, None]  # [BL, BK]
+            C = decay * C + _dot(tl.trans(kw), vc, DT, PRECISION)
+            n = decay * n + tl.sum(kw, axis=0)
+            m = m_new
+        tl.store(C_ptr + i_bh * DK * DV + o_kv, C, mask=mask_kv)
+        if i_v == 0:
+            tl.store(n_ptr + i_bh * DK + o_k, n, mask=mask_k)
+        if (i_k == 0) & (i_v == 0):
+            tl.store(ms_ptr + i_bh * (NC + 1) + NC, m)
+
+    @triton.jit
+    def _chunk_output_fwd_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        i_ptr,
+        logf_ptr,
+        Cs_ptr,
+        ns_ptr,
+        ms_ptr,
+        h_ptr,
+        mrow_ptr,
+        den_ptr,
+        scale,
+        eps,
+        S,
+        NC,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BL: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        i_c = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_bh = tl.program_id(2).to(tl.int64)
+        DT = q_ptr.dtype.element_ty
+        o_l = tl.arange(0, BL)
+        o_t = i_c * BL + o_l
+        mask_t = o_t < S
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_v = o_v < DV
+
+        ig = tl.load(i_ptr + i_bh * S + o_t, mask=mask_t, other=_MASKED_IGATE_C)  # [BL]
+        lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+        b = tl.cumsum(lf, axis=0)  # [BL]
+        m_c = tl.load(ms_ptr + i_bh * (NC + 1) + i_c)
+        causal = o_l[:, None] >= o_l[None, :]  # [BL, BL]
+        log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :], float("-inf"))  # [BL, BL]
+        m_inter = b + m_c  # [BL]
+        m_row = tl.maximum(tl.max(log_d, axis=1), m_inter)  # [BL]
+        D = tl.exp(log_d - m_row[:, None])  # [BL, BL]
+        e = tl.exp(m_inter - m_row)  # [BL]
+
+        qk = tl.zeros([BL, BL], dtype=tl.float32)
+        qC = tl.zeros([BL, BV], dtype=tl.float32)
+        qn = tl.zeros([BL], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(DK, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            mask_k = o_k < DK
+            mask_tk = mask_t[:, None] & mask_k[None, :]
+            qc = tl.load(q_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_tk, other=0.0)
+            qc = qc.to(tl.float32) * scale  # [BL, BK]
+            kc = tl.load(k_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_tk, other=0.0)  # [BL, BK]
+            Cc = tl.load(
+                Cs_ptr + (i_bh * NC + i_c) * DK * DV + o_k[:, None] * DV + o_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :],
+                other=0.0,
+            )  # [BK, BV]
+            nc = tl.load(ns_ptr + (i_bh * NC + i_c) * DK + o_k, mask=mask_k, other=0.0)  # [BK]
+            qk += _dot(qc, tl.trans(kc), DT, PRECISION)
+            qC += _dot(qc, Cc, DT, PRECISION)
+            qn += tl.sum(qc * nc[None, :], axis=1)
+        s = qk * D  # [BL, BL]
+        vc = tl.load(
+            v_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0
+        )  # [BL, BV]
+        num = _dot(s, vc, DT, PRECISION) + e[:, None] * qC  # [BL, BV]
+        den = tl.sum(s, axis=1) + e * qn  # [BL]
+        floor = tl.exp(-tl.maximum(m_row, _MIN_M_C))
+        h = num / (tl.maximum(tl.abs(den), floor) + eps)[:, None]
+        tl.store(
+            h_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :],
+            h.to(h_ptr.dtype.element_ty),
+            mask=mask_t[:, None] & mask_v[None, :],
+        )
+        if i_v == 0:
+            tl.store(mrow_ptr + i_bh * S + o_t, m_row, mask=mask_t)
+            tl.store(den_ptr + i_bh * S + o_t, den, mask=mask_t)
+
+    @triton.jit
+    def _chunk_states_bwd_kernel(
+        q_ptr,
+        i_ptr,
+        logf_ptr,
+        ms_ptr,
+        mrow_ptr,
+        rN_ptr,
+        dden_ptr,
+        dh_ptr,
+        dC_ptr,
+        dn_ptr,
+        dCs_ptr,
+        dns_ptr,
+        scale,
+        S,
+        NC,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BL: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_k = tl.program_id(1)
+        i_v = tl.program_id(2)
+        DT = q_ptr.dtype.element_ty
+        o_l = tl.arange(0, BL)
+        o_k = i_k * BK + tl.arange(0, BK)
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_k = o_k < DK
+        mask_v = o_v < DV
+        mask_kv = mask_k[:, None] & mask_v[None, :]
+        o_kv = o_k[:, None] * DV + o_v[None, :]  # [BK, BV]
+
+        dC = tl.load(dC_ptr + i_bh * DK * DV + o_kv, mask=mask_kv, other=0.0)  # [BK, BV]
+        dn = tl.load(dn_ptr + i_bh * DK + o_k, mask=mask_k, other=0.0)  # [BK]
+        for cc in range(0, NC):
+            c = NC - 1 - cc
+            tl.store(dCs_ptr + (i_bh * (NC + 1) + c + 1) * DK * DV + o_kv, dC, mask=mask_kv)
+            if i_v == 0:
+                tl.store(dns_ptr + (i_bh * (NC + 1) + c + 1) * DK + o_k, dn, mask=mask_k)
+            o_t = c * BL + o_l
+            mask_t = o_t < S
+            lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+            b = tl.cumsum(lf, axis=0)  # [BL]
+            g = tl.sum(lf, axis=0)
+            m_c = tl.load(ms_ptr + i_bh * (NC + 1) + c)
+            m_next = tl.load(ms_ptr + i_bh * (NC + 1) + c + 1)
+            m_row = tl.load(mrow_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+            rN = tl.load(rN_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+            dden = tl.load(dden_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+            e = tl.where(mask_t, tl.exp(b + m_c - m_row), 0.0)  # [BL]
+            qc = tl.load(
+                q_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_t[:, None] & mask_k[None, :], other=0.0
+            )
+            qe = qc.to(tl.float32) * (scale * e)[:, None]  # [BL, BK]
+            dh = tl.load(
+                dh_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :],
+                mask=mask_t[:, None] & mask_v[None, :],
+                other=0.0,
+            )
+            dnum = dh.to(tl.float32) * rN[:, None]  # [BL, BV]
+            decay = tl.exp(g + m_c - m_next)
+            dC = decay * dC + _dot(tl.trans(qe), dnum, DT, PRECISION)
+            dn = decay * dn + tl.sum(qe * dden[:, None], axis=0)
+        tl.store(dCs_ptr + i_bh * (NC + 1) * DK * DV + o_kv, dC, mask=mask_kv)
+        if i_v == 0:
+            tl.store(dns_ptr + i_bh * (NC + 1) * DK + o_k, dn, mask=mask_k)
+
+    @triton.jit
+    def _chunk_decays(i_ptr, logf_ptr, ms_ptr, mrow_ptr, i_bh, i_c, S, NC, BL: tl.constexpr):
+        """The intra-chunk weights that the backward kernels share: D [BL, BL] (row t, column j), e [BL] (the
+        entering state's weight in h_t), w [BL] (position j's weight in the next state)."""
+        o_l = tl.arange(0, BL)
+        o_t = i_c * BL + o_l
+        mask_t = o_t < S
+        ig = tl.load(i_ptr + i_bh * S + o_t, mask=mask_t, other=_MASKED_IGATE_C)  # [BL]
+        lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+        b = tl.cumsum(lf, axis=0)  # [BL]
+        g = tl.sum(lf, axis=0)
+        m_c = tl.load(ms_ptr + i_bh * (NC + 1) + i_c)
+        m_next = tl.load(ms_ptr + i_bh * (NC + 1) + i_c + 1)
+        m_row = tl.load(mrow_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+        valid = (o_l[:, None] >= o_l[None, :]) & mask_t[:, None]  # [BL, BL]
+        D = tl.where(valid, tl.exp(b[:, None] - b[None, :] + ig[None, :] - m_row[:, None]), 0.0)  # [BL, BL]
+        e = tl.where(mask_t, tl.exp(b + m_c - m_row), 0.0)  # [BL]
+        w = tl.exp(g - b + ig - m_next)  # [BL]
+        return D, e, w
+
+    @triton.jit
+    def _chunk_dqk_bwd_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        i_ptr,
+        logf_ptr,
+        Cs_ptr,
+        ns_ptr,
+        ms_ptr,
+        mrow_ptr,
+        rN_ptr,
+        dden_ptr,
+        dh_ptr,
+        dCs_ptr,
+        dns_ptr,
+        dq_ptr,
+        dk_ptr,
+        scale,
+        S,
+        NC,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BL: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        i_c = tl.program_id(0)
+        i_k = tl.program_id(1)
+        i_bh = tl.program_id(2).to(tl.int64)
+        DT = q_ptr.dtype.element_ty
+        o_t = i_c * BL + tl.arange(0, BL)
+        mask_t = o_t < S
+        o_k = i_k * BK + tl.arange(0, BK)
+        mask_k = o_k < DK
+        mask_tk = mask_t[:, None] & mask_k[None, :]
+        D, e, w = _chunk_decays(i_ptr, logf_ptr, ms_ptr, mrow_ptr, i_bh, i_c, S, NC, BL)
+        rN = tl.load(rN_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+        dden = tl.load(dden_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+
+        ds = tl.zeros([BL, BL], dtype=tl.float32)
+        dqC = tl.zeros([BL, BK], dtype=tl.float32)
+        dkC = tl.zeros([BL, BK], dtype=tl.float32)
+        for i_v in range(0, tl.cdiv(DV, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            mask_v = o_v < DV
+            mask_tv = mask_t[:, None] & mask_v[None, :]
+            mask_kv = mask_k[:, None] & mask_v[None, :]
+            dh = tl.load(dh_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], mask=mask_tv, other=0.0)
+            dnum = (dh.to(tl.float32) * rN[:, None]).to(DT)  # [BL, BV]
+            vc = tl.load(v_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], mask=mask_tv, other=0.0).to(DT)
+            Cc = tl.load(
+                Cs_ptr + (i_bh * NC + i_c) * DK * DV + o_k[:, None] * DV + o_v[None, :], mask=mask_kv, other=0.0
+            )
+            dCn = tl.load(
+                dCs_ptr + (i_bh * (NC + 1) + i_c + 1) * DK * DV + o_k[:, None] * DV + o_v[None, :],
+                mask=mask_kv,
+                other=0.0,
+            )  # [BK, BV]
+            ds += _dot(dnum, tl.trans(vc), DT, PRECISION)
+            dqC += _dot(dnum, tl.trans(Cc), DT, PRECISION)
+            dkC += _dot(vc, tl.trans(dCn), DT, PRECISION)
+        ds = (ds + dden[:, None]) * D  # [BL, BL]
+        qc = tl.load(q_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_tk, other=0.0)
+        qc = qc.to(tl.float32) * scale  # [BL, BK]
+        kc = tl.load(k_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_tk, other=0.0)  # [BL, BK]
+        nc = tl.load(ns_ptr + (i_bh * NC + i_c) * DK + o_k, mask=mask_k, other=0.0)  # [BK]
+        dnn = tl.load(dns_ptr + (i_bh * (NC + 1) + i_c + 1) * DK + o_k, mask=mask_k, other=0.0)  # [BK]
+        dqs = _dot(ds, kc, DT, PRECISION)
+        dqs += e[:, None] * (dqC + dden[:, None] * nc[None, :])  # [BL, BK]
+        dk = _dot(tl.trans(ds), qc, DT, PRECISION)
+        dk += w[:, None] * (dkC + dnn[None, :])  # [BL, BK]
+        o_tk = (i_bh * S + o_t[:, None]) * DK + o_k[None, :]
+        tl.store(dq_ptr + o_tk, dqs * scale, mask=mask_tk)
+        tl.store(dk_ptr + o_tk, dk, mask=mask_tk)
+
+    @triton.jit
+    def _chunk_dv_bwd_kernel(
+        q_ptr,
+        k_ptr,
+        i_ptr,
+        logf_ptr,
+        ms_ptr,
+        mrow_ptr,
+        rN_ptr,
+        dh_ptr,
+        dCs_ptr,
+        dv_ptr,
+        scale,
+        S,
+        NC,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BL: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        i_c = tl.program_id(0)
+        i_v = tl.program_id(1)
+        i_bh = tl.program_id(2).to(tl.int64)
+        DT = q_ptr.dtype.element_ty
+        o_t = i_c * BL + tl.arange(0, BL)
+        mask_t = o_t < S
+        o_v = i_v * BV + tl.arange(0, BV)
+        mask_v = o_v < DV
+        mask_tv = mask_t[:, None] & mask_v[None, :]
+        D, e, w = _chunk_decays(i_ptr, logf_ptr, ms_ptr, mrow_ptr, i_bh, i_c, S, NC, BL)
+
+        qk = tl.zeros([BL, BL], dtype=tl.float32)
+        kdC = tl.zeros([BL, BV], dtype=tl.float32)
+        for i_k in range(0, tl.cdiv(DK, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            mask_k = o_k < DK
+            mask_tk = mask_t[:, None] & mask_k[None, :]
+            qc = tl.load(q_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_tk, other=0.0)
+            qc = qc.to(tl.float32) * scale  # [BL, BK]
+            kc = tl.load(k_ptr + (i_bh * S + o_t[:, None]) * DK + o_k[None, :], mask=mask_tk, other=0.0).to(DT)
+            dCn = tl.load(
+                dCs_ptr + (i_bh * (NC + 1) + i_c + 1) * DK * DV + o_k[:, None] * DV + o_v[None, :],
+                mask=mask_k[:, None] & mask_v[None, :],
+                other=0.0,
+            )  # [BK, BV]
+            qk += _dot(qc, tl.trans(kc), DT, PRECISION)
+            kdC += _dot(kc, dCn, DT, PRECISION)
+        rN = tl.load(rN_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
+        dh = tl.load(dh_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], mask=mask_tv, other=0.0)
+        dnum = dh.to(tl.float32) * rN[:, None]  # [BL, BV]
+        s = qk * D  # [BL, BL]
+        dv = _dot(tl.trans(s), dnum, DT, PRECISION) + w[:, None] * kdC  # [BL, BV]
+        tl.store(dv_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], dv, mask=mask_tv)
+
+
+def _tiles(DK: int, DV: int) -> tuple[int, int]:
+    """Feature tiles: powers of two from 16 (the smallest tl.dot operand) to 64."""
+    return (min(64, max(16, triton.next_power_of_2(DK))), min(64, max(16, triton.next_power_of_2(DV))))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """float32 inputs get full-precision dots (no TF32), so that they match the float32 reference."""
+    if dtype == torch.bfloat16 and INTERPRETED:
+        return "emulate"
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def chunk_mlstm_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    logf: torch.Tensor,
+    C0: torch.Tensor,
+    n0: torch.Tensor,
+    m0: torch.Tensor,
+    BL: int,
+    eps: float,
+    scale: float,
+) -> tuple[torch.Tensor, ...]:
+    """Returns h [B, NH, S, DV], the final C, n, m, the entering states Cs [B, NH, NC, DK, DV], ns [B, NH, NC, DK],
+    ms [B, NH, NC + 1] (the last one the final m), and per position m_row, den [B, NH, S]."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(S, BL)
+    BK, BV = _tiles(DK, DV)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    Cs = torch.empty(B, NH, NC, DK, DV, **f32)
+    ns = torch.empty(B, NH, NC, DK, **f32)
+    ms = torch.empty(B, NH, NC + 1, **f32)
+    C = torch.empty(B, NH, DK, DV, **f32)
+    n = torch.empty(B, NH, DK, **f32)
+    precision = _precision(q.dtype)
+    _chunk_states_fwd_kernel[(B * NH, triton.cdiv(DK, BK), triton.cdiv(DV, BV))](
+        k, v, i, logf, C0, n0, m0, Cs, ns, ms, C, n,
+        S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+    )  # fmt: skip
+    h = torch.empty(B, NH, S, DV, device=q.device, dtype=q.dtype)
+    m_row = torch.empty(B, NH, S, **f32)
+    den = torch.empty(B, NH, S, **f32)
+    _chunk_output_fwd_kernel[(NC, triton.cdiv(DV, BV), B * NH)](
+        q, k, v, i, logf, Cs, ns, ms, h, m_row, den,
+        scale=scale, eps=eps, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+    )  # fmt: skip
+    return h, C, n, ms[..., -1].clone(), Cs, ns, ms, m_row, den
+
+
+def chunk_mlstm_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    logf: torch.Tensor,
+    Cs: torch.Tensor,
+    ns: torch.Tensor,
+    ms: torch.Tensor,
+    m_row: torch.Tensor,
+    rN: torch.Tensor,
+    dden: torch.Tensor,
+    dh: torch.Tensor,
+    dC: torch.Tensor,
+    dn: torch.Tensor,
+    BL: int,
+    scale: float,
+) -> tuple[torch.Tensor, ...]:
+    """dq, dk [B, NH, S, DK] and dv [B, NH, S, DV] in float32, and the initial state's dC0, dn0, with m held
+    constant. rN = 1 / normaliser and dden = d loss / d den, both [B, NH, S]."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = triton.cdiv(S, BL)
+    BK, BV = _tiles(DK, DV)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dCs = torch.empty(B, NH, NC + 1, DK, DV, **f32)
+    dns = torch.empty(B, NH, NC + 1, DK, **f32)
+    precision = _precision(q.dtype)
+    _chunk_states_bwd_kernel[(B * NH, triton.cdiv(DK, BK), triton.cdiv(DV, BV))](
+        q, i, logf, ms, m_row, rN, dden, dh, dC, dn, dCs, dns,
+        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+    )  # fmt: skip
+    dq = torch.empty(B, NH, S, DK, **f32)
+    dk = torch.empty(B, NH, S, DK, **f32)
+    dv = torch.empty(B, NH, S, DV, **f32)
+    _chunk_dqk_bwd_kernel[(NC, triton.cdiv(DK, BK), B * NH)](
+        q, k, v, i, logf, Cs, ns, ms, m_row, rN, dden, dh, dCs, dns, dq, dk,
+        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+    )  # fmt: skip
+    _chunk_dv_bwd_kernel[(NC, triton.cdiv(DV, BV), B * NH)](
+        q, k, i, logf, ms, m_row, rN, dh, dCs, dv,
+        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+    )  # fmt: skip
+    return dq, dk, dv, dCs[:, :, 0], dns[:, :, 0]
+
+
+def _normaliser_grads(
+    h: torch.Tensor, dh: torch.Tensor, m_row: torch.Tensor, den: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From h = num / N with N = max(|den|, exp(-max(m, -80))) + eps, all [B, NH, S]: 1 / N, dL/d den, and dL/d m
+    where num and den scale with exp(-m) (so h depends on m only through eps and the clamp)."""
+    floor = torch.exp(-m_row.clamp(min=_MIN_M_FOR_FLOOR))
+    den_wins = den.abs() >= floor
+    N = torch.where(den_wins, den.abs(), floor) + eps
+    hdh = (h.float() * dh.float()).sum(-1)  # [B, NH, S]
+    dden = torch.where(den_wins, -hdh / N * torch.sign(den), torch.zeros_like(den))
+    dN_dm = torch.where(den_wins, -den.abs(), torch.where(m_row > _MIN_M_FOR_FLOOR, -floor, torch.zeros_like(floor)))
+    dm_row = -hdh * (1 + dN_dm / N)
+    return 1 / N, dden, dm_row
+
+
+def _gate_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    logf: torch.Tensor,
+    m0: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dm_row: torch.Tensor,
+    dF_last: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """di, df [B, NH, S] and dm0 [B, NH].
+
+    With m constant, i_t enters every term through exp(i_t) k_t and F_t (cumulative log forget gate) through
+    exp(F_t) q_t and exp(-F_t) k_t, so di = k . dk and dF = q . dq - k . dk (+ dF_last at the last position, the
+    final state's exp(F_S)). dm_row [B, NH, S] is then routed to the term that attains each m_t = max(m0 + F_t,
+    max_{j <= t} i_j + F_t - F_j)."""
+    kdk = (k.float() * dk).sum(-1)  # [B, NH, S]
+    di = kdk.clone()
+    dF = (q.float() * dq).sum(-1) - kdk
+    dF[..., -1] += dF_last
+    Fc = logf.cumsum(-1)  # [B, NH, S]
+    best, idx = torch.cummax(i.float() - Fc, dim=-1)  # [B, NH, S]
+    from_state = m0[..., None] > best
+    dm_pos = torch.where(from_state, torch.zeros_like(dm_row), dm_row)
+    dF += dm_row
+    di.scatter_add_(-1, idx, dm_pos)
+    dF.scatter_add_(-1, idx, -dm_pos)
+    dm0 = torch.where(from_state, dm_row, torch.zeros_like(dm_row)).sum(-1)
+    dlogf = dF.flip(-1).cumsum(-1).flip(-1)
+    return di, dlogf * torch.sigmoid(-f.float()), dm0
+
+
+class ChunkMLSTMFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale, recompute_states):
+        i32 = i.float().contiguous()
+        logf = F.logsigmoid(f.float()).contiguous()
+        h, C, n, m, Cs, ns, ms, m_row, den = chunk_mlstm_fwd(q, k, v, i32, logf, C0, n0, m0, chunk_size, eps, scale)
+        saved_states = (None, None) if recompute_states else (Cs, ns)
+        ctx.save_for_backward(q, k, v, i32, f, logf, C0, n0, m0, *saved_states, ms, m_row, den, h, C, n)
+        ctx.cfg = (chunk_size, eps, scale, recompute_states)
+        ctx.dtypes = (i.dtype, f.dtype)
+        return h, C, n, m
+
+    @staticmethod
+    def backward(ctx, dh, dC, dn, dm):
+        q, k, v, i, f, logf, C0, n0, m0, Cs, ns, ms, m_row, den, h, C, n = ctx.saved_tensors
+        chunk_size, eps, scale, recompute_states = ctx.cfg
+        if recompute_states:
+            _, _, _, _, Cs, ns, _, _, _ = chunk_mlstm_fwd(q, k, v, i, logf, C0, n0, m0, chunk_size, eps, scale)
+        dh = dh.contiguous()
+        rN, dden, dm_row = _normaliser_grads(h, dh, m_row, den, eps)
+        dq, dk, dv, dC0, dn0 = chunk_mlstm_bwd(
+            q, k, v, i, logf, Cs, ns, ms, m_row, rN, dden, dh, dC.contiguous(), dn.contiguous(), chunk_size, scale
+        )
+        # The returned state is C_true * exp(-m): exp(F_S) enters it as a factor, and m_S (= m_row at S - 1)
+        # as its scale.
+        state_dot = (dC * C).sum((-2, -1)) + (dn * n).sum(-1)  # [B, NH]
+        dm_row[..., -1] += dm - state_dot
+        di, df, dm0 = _gate_grads(q, k, i, f, logf, m0, dq, dk, dm_row, state_dot)
+        dm0 = dm0 + torch.where(torch.isinf(m0), torch.zeros_like(m0), (dC0 * C0).sum((-2, -1)) + (dn0 * n0).sum(-1))
+        return (
+            dq.to(q.dtype),
+            dk.to(k.dtype),
+            dv.to(v.dtype),
+            di.to(ctx.dtypes[0]),
+            df.to(ctx.dtypes[1]),
+            dC0,
+            dn0,
+            dm0,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def mlstm_chunkwise_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    initial_state: MLSTMState | None = None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    empty_m: float = 0.0,
+    recompute_states: bool = False,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Chunkwise mLSTM: the same function as ``mlstm_naive.mlstm_chunkwise`` (differentiable in q, k, v, i, f and
+    the initial C, n, m).
+
+    q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S]; initial_state (C [B, NH, DK, DV], n [B, NH, DK],
+    m [B, NH]) or None (an empty memory with m = ``empty_m``). Returns h [B, NH, S, DV] in q's dtype and the final
+    float32 state. Any S; DK, DV up to 512; chunk_size a power of two >= 16. ``recompute_states`` drops the
+    per-chunk states (NC * DK * DV floats per head) after the forward and recomputes them in the backward.
+    """
+    _require_triton()
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or i.shape != (B, NH, S) or f.shape != (B, NH, S):
+        raise ValueError(
+            f"mLSTM inputs: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, "
+            f"f {tuple(f.shape)}; expected q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S]"
+        )
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
+    if max(DK, DV) > 512:
+        raise ValueError(f"the Triton mLSTM kernel serves head dims up to 512, got DK={DK}, DV={DV}")
+    if S == 0:
+        raise ValueError("the Triton mLSTM kernel needs S >= 1")
+    scale = DK**-0.5 if scale is None else scale
+    C0, n0, m0 = (t.contiguous() for t in _initial_state(initial_state, q, v, empty_m))
+    BL = min(chunk_size, max(16, triton.next_power_of_2(S)))
+    q, k, v = (t.contiguous() for t in (q, k, v.to(q.dtype)))
+    k = k.to(q.dtype)
+    h, C, n, m = ChunkMLSTMFunction.apply(q, k, v, i, f, C0, n0, m0, BL, eps, scale, recompute_states)
+    return h, (C, n, m)
