@@ -440,6 +440,12 @@ def _tiles(DK: int, DV: int) -> tuple[int, int]:
     return (min(64, max(16, triton.next_power_of_2(DK))), min(64, max(16, triton.next_power_of_2(DV))))
 
 
+def _store_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes h in: float32 under the interpreter for bfloat16, whose conversion there truncates
+    (a GPU rounds to nearest even); torch then rounds."""
+    return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
 def _precision(dtype: torch.dtype) -> str:
     """float32 inputs get full-precision dots (no TF32), so that they match the float32 reference."""
     if dtype == torch.bfloat16 and INTERPRETED:
@@ -477,14 +483,14 @@ def chunk_mlstm_fwd(
         k, v, i, logf, C0, n0, m0, Cs, ns, ms, C, n,
         S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
     )  # fmt: skip
-    h = torch.empty(B, NH, S, DV, device=q.device, dtype=q.dtype)
+    h = torch.empty(B, NH, S, DV, device=q.device, dtype=_store_dtype(q.dtype))
     m_row = torch.empty(B, NH, S, **f32)
     den = torch.empty(B, NH, S, **f32)
     _chunk_output_fwd_kernel[(NC, triton.cdiv(DV, BV), B * NH)](
         q, k, v, i, logf, Cs, ns, ms, h, m_row, den,
         scale=scale, eps=eps, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
     )  # fmt: skip
-    return h, C, n, ms[..., -1].clone(), Cs, ns, ms, m_row, den
+    return h.to(q.dtype), C, n, ms[..., -1].clone(), Cs, ns, ms, m_row, den
 
 
 def chunk_mlstm_bwd(
