@@ -50,6 +50,21 @@ if HAS_TRITON:
     _MASKED_IGATE_C = tl.constexpr(MASKED_IGATE)
     _MIN_M_C = tl.constexpr(_MIN_M_FOR_FLOOR)
 
+    # Reductions as tl.reduce / tl.associative_scan with triton's own combine functions rather than tl.sum, tl.max,
+    # tl.cumsum: those are jit functions of triton's library, decorated at `import triton`, so they run compiled
+    # (and fail) inside an interpreted kernel when triton was imported before TRITON_INTERPRET=1 was set; the
+    # interpreter recognises these combine functions and reduces with numpy. Compiled, it is what tl.sum does.
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _maximum(a, b):
+        return tl.maximum(a, b)
+
+    _SUM = getattr(tl.standard, "_sum_combine", _add)
+    _MAX = getattr(tl.standard, "_elementwise_max", _maximum)
+
     @triton.jit
     def _dot(a, b, DT: tl.constexpr, PRECISION: tl.constexpr):
         """a [M, K] @ b [K, N] with the operands rounded to DT and a float32 result. PRECISION "emulate" multiplies
@@ -107,10 +122,10 @@ if HAS_TRITON:
             mask_t = o_t < S
             ig = tl.load(i_ptr + i_bh * S + o_t, mask=mask_t, other=_MASKED_IGATE_C)  # [BL]
             lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
-            b = tl.cumsum(lf, axis=0)  # [BL]
-            g = tl.sum(lf, axis=0)
+            b = tl.associative_scan(lf, 0, _SUM)  # [BL]
+            g = tl.reduce(lf, 0, _SUM)
             a = g - b + ig  # [BL]
-            m_new = tl.maximum(g + m, tl.max(a, axis=0))
+            m_new = tl.maximum(g + m, tl.reduce(a, 0, _MAX))
             w = tl.exp(a - m_new)  # [BL]
             decay = tl.exp(g + m - m_new)
             kc = tl.load(
@@ -121,7 +136,7 @@ if HAS_TRITON:
             )  # [BL, BV]
             kw = kc * w[:, None]  # [BL, BK]
             C = decay * C + _dot(tl.trans(kw), vc, DT, PRECISION)
-            n = decay * n + tl.sum(kw, axis=0)
+            n = decay * n + tl.reduce(kw, 0, _SUM)
             m = m_new
         tl.store(C_ptr + i_bh * DK * DV + o_kv, C, mask=mask_kv)
         if i_v == 0:
@@ -165,19 +180,19 @@ if HAS_TRITON:
 
         ig = tl.load(i_ptr + i_bh * S + o_t, mask=mask_t, other=_MASKED_IGATE_C)  # [BL]
         lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
-        b = tl.cumsum(lf, axis=0)  # [BL]
+        b = tl.associative_scan(lf, 0, _SUM)  # [BL]
         m_c = tl.load(ms_ptr + i_bh * (NC + 1) + i_c)
         causal = o_l[:, None] >= o_l[None, :]  # [BL, BL]
         log_d = tl.where(causal, b[:, None] - b[None, :] + ig[None, :], float("-inf"))  # [BL, BL]
         m_inter = b + m_c  # [BL]
-        m_row = tl.maximum(tl.max(log_d, axis=1), m_inter)  # [BL]
+        m_row = tl.maximum(tl.reduce(log_d, 1, _MAX), m_inter)  # [BL]
         D = tl.exp(log_d - m_row[:, None])  # [BL, BL]
         e = tl.exp(m_inter - m_row)  # [BL]
 
-        qk = tl.zeros([BL, BL], dtype=tl.float32)
-        qC = tl.zeros([BL, BV], dtype=tl.float32)
-        qn = tl.zeros([BL], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(DK, BK)):
+        qk = tl.full([BL, BL], 0.0, tl.float32)
+        qC = tl.full([BL, BV], 0.0, tl.float32)
+        qn = tl.full([BL], 0.0, tl.float32)
+        for i_k in range(0, (DK + BK - 1) // BK):
             o_k = i_k * BK + tl.arange(0, BK)
             mask_k = o_k < DK
             mask_tk = mask_t[:, None] & mask_k[None, :]
@@ -192,13 +207,13 @@ if HAS_TRITON:
             nc = tl.load(ns_ptr + (i_bh * NC + i_c) * DK + o_k, mask=mask_k, other=0.0)  # [BK]
             qk += _dot(qc, tl.trans(kc), DT, PRECISION)
             qC += _dot(qc, Cc, DT, PRECISION)
-            qn += tl.sum(qc * nc[None, :], axis=1)
+            qn += tl.reduce(qc * nc[None, :], 1, _SUM)
         s = qk * D  # [BL, BL]
         vc = tl.load(
             v_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], mask=mask_t[:, None] & mask_v[None, :], other=0.0
         )  # [BL, BV]
         num = _dot(s, vc, DT, PRECISION) + e[:, None] * qC  # [BL, BV]
-        den = tl.sum(s, axis=1) + e * qn  # [BL]
+        den = tl.reduce(s, 1, _SUM) + e * qn  # [BL]
         floor = tl.exp(-tl.maximum(m_row, _MIN_M_C))
         h = num / (tl.maximum(tl.abs(den), floor) + eps)[:, None]
         tl.store(
@@ -256,8 +271,8 @@ if HAS_TRITON:
             o_t = c * BL + o_l
             mask_t = o_t < S
             lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
-            b = tl.cumsum(lf, axis=0)  # [BL]
-            g = tl.sum(lf, axis=0)
+            b = tl.associative_scan(lf, 0, _SUM)  # [BL]
+            g = tl.reduce(lf, 0, _SUM)
             m_c = tl.load(ms_ptr + i_bh * (NC + 1) + c)
             m_next = tl.load(ms_ptr + i_bh * (NC + 1) + c + 1)
             m_row = tl.load(mrow_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
@@ -276,7 +291,7 @@ if HAS_TRITON:
             dnum = dh.to(tl.float32) * rN[:, None]  # [BL, BV]
             decay = tl.exp(g + m_c - m_next)
             dC = decay * dC + _dot(tl.trans(qe), dnum, DT, PRECISION)
-            dn = decay * dn + tl.sum(qe * dden[:, None], axis=0)
+            dn = decay * dn + tl.reduce(qe * dden[:, None], 0, _SUM)
         tl.store(dCs_ptr + i_bh * (NC + 1) * DK * DV + o_kv, dC, mask=mask_kv)
         if i_v == 0:
             tl.store(dns_ptr + i_bh * (NC + 1) * DK + o_k, dn, mask=mask_k)
@@ -290,8 +305,8 @@ if HAS_TRITON:
         mask_t = o_t < S
         ig = tl.load(i_ptr + i_bh * S + o_t, mask=mask_t, other=_MASKED_IGATE_C)  # [BL]
         lf = tl.load(logf_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
-        b = tl.cumsum(lf, axis=0)  # [BL]
-        g = tl.sum(lf, axis=0)
+        b = tl.associative_scan(lf, 0, _SUM)  # [BL]
+        g = tl.reduce(lf, 0, _SUM)
         m_c = tl.load(ms_ptr + i_bh * (NC + 1) + i_c)
         m_next = tl.load(ms_ptr + i_bh * (NC + 1) + i_c + 1)
         m_row = tl.load(mrow_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
@@ -342,10 +357,10 @@ if HAS_TRITON:
         rN = tl.load(rN_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
         dden = tl.load(dden_ptr + i_bh * S + o_t, mask=mask_t, other=0.0)  # [BL]
 
-        ds = tl.zeros([BL, BL], dtype=tl.float32)
-        dqC = tl.zeros([BL, BK], dtype=tl.float32)
-        dkC = tl.zeros([BL, BK], dtype=tl.float32)
-        for i_v in range(0, tl.cdiv(DV, BV)):
+        ds = tl.full([BL, BL], 0.0, tl.float32)
+        dqC = tl.full([BL, BK], 0.0, tl.float32)
+        dkC = tl.full([BL, BK], 0.0, tl.float32)
+        for i_v in range(0, (DV + BV - 1) // BV):
             o_v = i_v * BV + tl.arange(0, BV)
             mask_v = o_v < DV
             mask_tv = mask_t[:, None] & mask_v[None, :]
@@ -411,9 +426,9 @@ if HAS_TRITON:
         mask_tv = mask_t[:, None] & mask_v[None, :]
         D, e, w = _chunk_decays(i_ptr, logf_ptr, ms_ptr, mrow_ptr, i_bh, i_c, S, NC, BL)
 
-        qk = tl.zeros([BL, BL], dtype=tl.float32)
-        kdC = tl.zeros([BL, BV], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(DK, BK)):
+        qk = tl.full([BL, BL], 0.0, tl.float32)
+        kdC = tl.full([BL, BV], 0.0, tl.float32)
+        for i_k in range(0, (DK + BK - 1) // BK):
             o_k = i_k * BK + tl.arange(0, BK)
             mask_k = o_k < DK
             mask_tk = mask_t[:, None] & mask_k[None, :]

@@ -28,6 +28,21 @@ INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 if HAS_TRITON:
     _MIN_M_C = tl.constexpr(_MIN_M_FOR_FLOOR)
 
+    # Reductions as tl.reduce / tl.associative_scan with triton's own combine functions rather than tl.sum, tl.max,
+    # tl.cumsum: those are jit functions of triton's library, decorated at `import triton`, so they run compiled
+    # (and fail) inside an interpreted kernel when triton was imported before TRITON_INTERPRET=1 was set; the
+    # interpreter recognises these combine functions and reduces with numpy. Compiled, it is what tl.sum does.
+    @triton.jit
+    def _add(a, b):
+        return a + b
+
+    @triton.jit
+    def _maximum(a, b):
+        return tl.maximum(a, b)
+
+    _SUM = getattr(tl.standard, "_sum_combine", _add)
+    _MAX = getattr(tl.standard, "_elementwise_max", _maximum)
+
     @triton.jit
     def _mlstm_step_kernel(
         q_ptr,
@@ -62,9 +77,9 @@ if HAS_TRITON:
         gain = tl.exp(ig - m_new)
         v = tl.load(v_ptr + i_bh * DV + o_v, mask=mask_v, other=0.0).to(tl.float32)  # [BV]
 
-        num = tl.zeros([BV], dtype=tl.float32)
-        den = tl.zeros([BK], dtype=tl.float32)
-        for i_k in range(0, tl.cdiv(DK, BK)):
+        num = tl.full([BV], 0.0, tl.float32)
+        den = tl.full([BK], 0.0, tl.float32)
+        for i_k in range(0, (DK + BK - 1) // BK):
             o_k = i_k * BK + tl.arange(0, BK)
             mask_k = o_k < DK
             q = tl.load(q_ptr + i_bh * DK + o_k, mask=mask_k, other=0.0).to(tl.float32) * scale  # [BK]
@@ -76,9 +91,9 @@ if HAS_TRITON:
             n = decay * tl.load(n_ptr + i_bh * DK + o_k, mask=mask_k, other=0.0) + gain * k  # [BK]
             if i_v == 0:
                 tl.store(n_out_ptr + i_bh * DK + o_k, n, mask=mask_k)
-            num += tl.sum(q[:, None] * C, axis=0)
+            num += tl.reduce(q[:, None] * C, 0, _SUM)
             den += q * n
-        den_sum = tl.sum(den, axis=0)
+        den_sum = tl.reduce(den, 0, _SUM)
         floor = tl.exp(-tl.maximum(m_new, _MIN_M_C))
         h = num / (tl.maximum(tl.abs(den_sum), floor) + eps)
         tl.store(h_ptr + i_bh * DV + o_v, h.to(h_ptr.dtype.element_ty), mask=mask_v)
