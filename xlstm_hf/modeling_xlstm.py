@@ -8,6 +8,7 @@ chosen. Every tensor inside a layer is [B, S, D] (residual stream) or [B, NH, S,
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_xlstm import xLSTMConfig
+from .mlstm_chunk import HAS_TRITON, mlstm_chunkwise_triton
 from .mlstm_naive import (
     MASKED_IGATE,
     MLSTMState,
@@ -30,6 +32,7 @@ from .mlstm_naive import (
     mlstm_recurrent,
     mlstm_recurrent_step,
 )
+from .mlstm_step import mlstm_step_triton
 from .slstm_naive import SLSTMState, slstm_recurrent
 
 logger = logging.get_logger(__name__)
@@ -143,6 +146,32 @@ def _apply_mask_to_gates(
     return i.masked_fill(~keep, MASKED_IGATE), f.masked_fill(~keep, MASKED_FGATE)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
+
+
+def _use_triton(config: xLSTMConfig, t: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this call: `backend="auto"` on CUDA, `"triton"` anywhere Triton can run
+    (CUDA, or the CPU interpreter with TRITON_INTERPRET=1); otherwise the PyTorch reference, with a one-time warning
+    naming why when the kernels were asked for."""
+    if config.backend == "torch" or (config.backend == "auto" and not t.is_cuda):
+        return False
+    if not HAS_TRITON:
+        _warn_once(f'xLSTM backend="{config.backend}": triton is not installed, running the PyTorch reference '
+                   "(pip install triton)")  # fmt: skip
+        return False
+    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        _warn_once(f'xLSTM backend="triton": the kernels need a CUDA device (or TRITON_INTERPRET=1), inputs are on '
+                   f"{t.device.type}: running the PyTorch reference")  # fmt: skip
+        return False
+    return True
+
+
 def mlstm_sequence(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -152,21 +181,34 @@ def mlstm_sequence(
     state: MLSTMState | None,
     config: xLSTMConfig,
 ) -> tuple[torch.Tensor, MLSTMState]:
-    """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] -> h [B, NH, S, DV], state. Chooses the kernel."""
-    kwargs = dict(eps=config.mlstm_eps, empty_m=config.mlstm_empty_max_state)
+    """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] -> h [B, NH, S, DV], state. Chooses the kernel: the
+    Triton chunkwise kernel and fused step (see `_use_triton`), else the PyTorch reference in the form that
+    `config.mlstm_kernel` names."""
+    eps, empty_m = config.mlstm_eps, config.mlstm_empty_max_state
+    triton_ok = _use_triton(config, q)
     if q.shape[2] == 1:
+        B, NH, _, DK = q.shape
         if state is None:
-            B, NH, _, DK = q.shape
-            state = empty_state(B, NH, DK, v.shape[-1], config.mlstm_empty_max_state, q.device)
-        h, state = mlstm_recurrent_step(
-            q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, kwargs["eps"]
-        )
+            state = empty_state(B, NH, DK, v.shape[-1], empty_m, q.device)
+        step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps)
+        if triton_ok and not torch.is_grad_enabled():
+            # updates the state in place: a decoding step owns the cache's tensors
+            h, state = mlstm_step_triton(*step_args)
+        else:
+            h, state = mlstm_recurrent_step(*step_args)
         return h[:, :, None], state
     if config.mlstm_kernel == "parallel":
-        return mlstm_parallel(q, k, v, i, f, state, **kwargs)
+        return mlstm_parallel(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
     if config.mlstm_kernel == "recurrent":
-        return mlstm_recurrent(q, k, v, i, f, state, **kwargs)
-    return mlstm_chunkwise(q, k, v, i, f, state, chunk_size=config.chunk_size, **kwargs)
+        return mlstm_recurrent(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
+    if triton_ok:
+        chunk = config.chunk_size
+        if max(q.shape[-1], v.shape[-1]) > 512 or chunk < 16 or chunk & (chunk - 1):
+            _warn_once(f"xLSTM Triton chunkwise kernel: head dims ({q.shape[-1]}, {v.shape[-1]}) above 512 or "
+                       f"chunk_size={chunk} not a power of two >= 16: running the PyTorch reference")  # fmt: skip
+        else:
+            return mlstm_chunkwise_triton(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
+    return mlstm_chunkwise(q, k, v, i, f, state, chunk_size=config.chunk_size, eps=eps, empty_m=empty_m)
 
 
 def slstm_sequence(
