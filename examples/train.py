@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -106,6 +107,8 @@ class ScriptArguments:
         default=True,
         metadata={"help": "reset the state at document boundaries; --no_packing concatenates documents instead"},
     )
+    max_train_samples: int | None = field(default=None, metadata={"help": "keep only the first N training rows"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "keep only the first N evaluation rows"})
     prompt: str = field(default="The with statement", metadata={"help": "prompt of the sample generated at the end"})
     max_new_tokens: int = field(default=80, metadata={"help": "length of the sample"})
 
@@ -264,9 +267,12 @@ def build_config(args: ScriptArguments, vocab_size: int, tokenizer) -> xlstm_hf.
             # one sLSTM block in every eight, as xLSTM[7:1]; at least one in a shorter stack
             L = fields["num_hidden_layers"]
             fields["slstm_at"] = list(range(7, L, 8)) or [L // 2]
-    for item in filter(None, (args.config_overrides or "").split(",")):
+    for item in filter(None, re.split(r",(?![^\[]*\])", args.config_overrides or "")):  # commas outside [...]
         key, value = item.split("=", 1)
-        fields[key.strip()] = json.loads(value) if value.strip()[:1] in "[{0123456789-tfn" else value.strip()
+        try:
+            fields[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key.strip()] = value.strip()  # a bare string, e.g. mlstm_kernel=parallel
     fields.update(
         vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
@@ -301,6 +307,9 @@ def main() -> None:
     tokenizer = get_tokenizer(args, raw["train"], training_args)
     block_size = args.block_size or PRESETS[args.preset]["block_size"]
     data = tokenize_and_pack(raw, tokenizer, block_size, args.packing, training_args)
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit is not None:
+            data[split] = data[split].select(range(min(limit, len(data[split]))))
     if len(data["validation"]) == 0:
         raise ValueError(f"the validation split holds fewer than --block_size={block_size} tokens")
 
