@@ -296,6 +296,13 @@ def unigram_perplexity(train: datasets.Dataset, eval_set: datasets.Dataset, voca
     return math.exp(nll / n)
 
 
+def count_sharded_blocks(model: torch.nn.Module) -> int:
+    """Blocks that FSDP wrapped as units of their own (by the model's `_no_split_modules`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return sum(isinstance(m, FSDPModule) and isinstance(m, xlstm_hf.modeling_xlstm.xLSTMBlock) for m in model.modules())
+
+
 def scored_tokens(data: datasets.Dataset) -> int:
     return sum(sum(t != -100 for t in row[1:]) for row in data["labels"])
 
@@ -313,6 +320,11 @@ def main() -> None:
     if len(data["validation"]) == 0:
         raise ValueError(f"the validation split holds fewer than --block_size={block_size} tokens")
 
+    if training_args.fsdp and training_args.device.type == "cpu" and training_args.process_index == 0:
+        print(
+            "warning: accelerate enables FSDP only on accelerators; on CPU the Trainer falls back to DDP "
+            "(tests/test_distributed.py shows FSDP2's fully_shard itself working on CPU with gloo)"
+        )
     config = build_config(args, len(tokenizer), tokenizer)
     model = xlstm_hf.xLSTMForCausalLM(config)
     main_process = training_args.process_index == 0
@@ -340,6 +352,8 @@ def main() -> None:
     metrics["train_tokens"] = tokens * training_args.gradient_accumulation_steps
     metrics["train_tokens_per_second"] = metrics["train_tokens"] / metrics["train_runtime"]
 
+    if trainer.is_fsdp_enabled:
+        metrics["fsdp_sharded_blocks"] = count_sharded_blocks(trainer.model)
     eval_metrics = trainer.evaluate()
     metrics.update(eval_metrics)
     metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
@@ -353,7 +367,8 @@ def main() -> None:
         tokenizer.save_pretrained(training_args.output_dir)
         print(
             f"train loss {metrics['train_loss']:.4f} | {metrics['train_tokens_per_second']:.0f} tokens/s "
-            f"({metrics['train_tokens']} tokens in {metrics['train_runtime']:.1f} s, {world} process(es))\n"
+            f"({metrics['train_tokens']} tokens in {metrics['train_runtime']:.1f} s, {world} process(es)"
+            f"{', FSDP' if trainer.is_fsdp_enabled else ''})\n"
             f"eval perplexity {metrics['eval_perplexity']:.2f} vs unigram baseline "
             f"{metrics['eval_unigram_perplexity']:.2f} ({metrics['eval_tokens']} held-out tokens)\n"
             f"saved model and tokenizer to {os.path.abspath(training_args.output_dir)}"
