@@ -4,6 +4,10 @@ Tolerances: merged weights change the order of float32 sums (W x + B A x vs (W +
 adapter model's to 1e-5, not bitwise.
 """
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import randomize_, tiny_config
@@ -105,3 +109,37 @@ def test_save_and_load_adapter_only(tmp_path):
     auto = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(auto(ids).logits, expected)
+
+
+def test_finetune_lora_example(tmp_path):
+    """examples/finetune_lora.py (DoRA) on a tiny model saved by examples/train.py and a local text file: adapter and
+    merged model are saved, and the merged model gives the adapter model's logits."""
+    from test_distributed import run_train
+
+    run_train(tmp_path / "base", nproc=1, per_device_batch=8)
+    lines = [f"Line {i}: the quick brown fox jumps over the lazy dog number {i}." for i in range(60)]
+    (tmp_path / "data.txt").write_text("\n".join(lines))
+    script = Path(__file__).resolve().parents[1] / "examples" / "finetune_lora.py"
+    cmd = [
+        sys.executable,
+        str(script),
+        f"--model={tmp_path / 'base'}",
+        f"--train_file={tmp_path / 'data.txt'}",
+        f"--output_dir={tmp_path / 'lora'}",
+        "--block_size=32",
+        "--max_steps=4",
+        "--use_dora",
+        "--merge",
+        "--max_new_tokens=4",
+        "--use_cpu",
+        "--disable_tqdm=true",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "eval perplexity" in proc.stdout
+    base = xlstm_hf.xLSTMForCausalLM.from_pretrained(tmp_path / "base")
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    merged = xlstm_hf.xLSTMForCausalLM.from_pretrained(tmp_path / "lora" / "merged").eval()
+    ids = torch.randint(0, merged.config.vocab_size, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-5, rtol=1e-5)
