@@ -5,10 +5,10 @@ lengths that leave a partial chunk), with and without initial states (m = 0, m =
 Tolerances are relative L2 errors ``||kernel - reference|| / ||reference||``:
 - float32: 1e-4. Both compute in float32 and differ only in summation order; the exponential gates (pre-activations
   of scale 2 here) and the normaliser amplify that to a few 1e-6 on outputs and ~1e-5 on gradients.
-- bfloat16 (and float16): 3e-2 against the reference run on the same rounded inputs. The kernel also rounds every
-  matmul operand (q, k, v, the decay-weighted score matrix and the chunk states) to the input dtype (2^-8 relative
-  for bfloat16), as a tensor-core kernel must; measured 0.8-2.3e-2 here, 2-3x the error that rounding the inputs
-  alone causes in the reference.
+- bfloat16: 3e-2, float16: 5e-3, against the reference run on the same rounded inputs. The kernel also rounds every
+  matmul operand (q, k, v, the decay-weighted score matrix, the chunk states and their gradients) to the input dtype
+  (2^-8 relative for bfloat16, 2^-11 for float16), as a tensor-core kernel must; measured up to 1.2e-2 (bfloat16)
+  and 1.8e-3 (float16) here, under the interpreter, whose bfloat16 rounding truncates.
 """
 
 import pytest
@@ -20,7 +20,7 @@ from xlstm_hf.mlstm_naive import mlstm_chunkwise
 mlstm_chunk = load_kernels("mlstm_chunk")
 
 FP32_TOL = 1e-4
-LOW_PRECISION_TOL = 3e-2
+LOW_PRECISION_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 CHUNK = 16
 
 
@@ -87,6 +87,19 @@ def test_chunk_empty_m_inf(S):
     check(leaves, initial, FP32_TOL, empty_m=float("-inf"))
 
 
+def test_chunk_many_chunks():
+    leaves, initial = make_inputs(NH=1, S=150, state="random")
+    check(leaves, initial, FP32_TOL)
+
+
+def test_chunk_normaliser_floor():
+    """Input gates far below the empty memory's m = 0: |q . n| < exp(-m), so h is divided by the floor, whose
+    gradient path (none to den, the eps-sized one to m) differs from the usual one."""
+    leaves, _ = make_inputs(S=37)
+    leaves[3] = leaves[3] * 0.3 - 6.0
+    check(leaves, None, FP32_TOL)
+
+
 def test_chunk_recompute_states():
     leaves, initial = make_inputs(S=40, state="random")
     check(leaves, initial, FP32_TOL, recompute_states=True)
@@ -103,7 +116,7 @@ def test_chunk_low_precision(dtype):
     leaves, _ = make_inputs(S=40, dtype=dtype)
     # A realistic initial state: the memory after a prefix of the same sequence.
     _, initial = mlstm_chunkwise(*(t[:, :, :9].float() for t in leaves))
-    check([t[:, :, 9:] for t in leaves], initial, LOW_PRECISION_TOL)
+    check([t[:, :, 9:] for t in leaves], initial, LOW_PRECISION_TOL[dtype])
 
 
 def test_chunk_matches_naive_default_chunk():
