@@ -258,9 +258,12 @@ if HAS_TRITON:
         tl.store(dm0_ptr + p_state, dm, mask=mask_bd)
 
 
-def _tiles(DH: int) -> tuple[int, int]:
-    """A tile of 16 sequences (the smallest tl.dot operand) and the head dim padded to a power of two >= 16."""
-    return 16, max(16, triton.next_power_of_2(DH))
+def _tiles(DH: int) -> tuple[int, int, int]:
+    """A tile of 16 sequences (the smallest tl.dot operand), the head dim padded to a power of two >= 16, and the
+    warps per program: the four [BD, BD] float32 blocks of r live in registers, 64 K floats at BD = 128, so the
+    program gets up to 16 warps (128 floats of r per thread)."""
+    BD = max(16, triton.next_power_of_2(DH))
+    return 16, BD, max(4, BD // 8)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -275,7 +278,7 @@ def slstm_fwd(
     every step, each [B, NH, S + 1, DH] float32 (else None)."""
     B, NH, S, G = x.shape
     DH = G // 4
-    BB, BD = _tiles(DH)
+    BB, BD, num_warps = _tiles(DH)
     f32 = dict(device=x.device, dtype=torch.float32)
     # The interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest even): there torch rounds.
     y_dtype = torch.float32 if INTERPRETED and x.dtype == torch.bfloat16 else x.dtype
@@ -286,7 +289,7 @@ def slstm_fwd(
     _slstm_fwd_kernel[(NH, triton.cdiv(B, BB))](
         x, r, h0, c0, n0, m0, mask if mask is not None else x, y, *seq, *final,
         B=B, S=S, NH=NH, DH=DH, BB=BB, BD=BD, HAS_MASK=mask is not None, STORE_STATES=store_states,
-        PRECISION=_precision(x.dtype),
+        PRECISION=_precision(x.dtype), num_warps=num_warps,
     )  # fmt: skip
     return y.to(x.dtype), *final, *(seq if store_states else [None] * 4)
 
@@ -302,12 +305,13 @@ def slstm_bwd(
     """dx [B, NH, S, 4 * DH] and dr [NH, DH, 4 * DH] (float32) and the initial state's dh0, dc0, dn0, dm0."""
     B, NH, S, G = x.shape
     DH = G // 4
-    BB, BD = _tiles(DH)
+    BB, BD, num_warps = _tiles(DH)
     dx = torch.empty(B, NH, S, G, device=x.device, dtype=torch.float32)
     dinitial = [torch.empty(B, NH, DH, device=x.device, dtype=torch.float32) for _ in range(4)]
     _slstm_bwd_kernel[(NH, triton.cdiv(B, BB))](
         x, r, mask if mask is not None else x, *states, dy, *dfinal, dx, *dinitial,
         B=B, S=S, NH=NH, DH=DH, BB=BB, BD=BD, HAS_MASK=mask is not None, PRECISION=_precision(x.dtype),
+        num_warps=num_warps,
     )  # fmt: skip
     dr = torch.einsum("bhsd,bhsg->hdg", states[0][:, :, :-1], dx)
     return dx, dr, *dinitial
