@@ -686,7 +686,6 @@ def mlstm_chunkwise_triton(
     scale = DK**-0.5 if scale is None else scale
     C0, n0, m0 = (t.contiguous() for t in _initial_state(initial_state, q, v, empty_m))
     BL = min(chunk_size, max(16, triton.next_power_of_2(S)))
-    q, k, v = (t.contiguous() for t in (q, k, v.to(q.dtype)))
-    k = k.to(q.dtype)
+    q, k, v = (t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
     h, C, n, m = ChunkMLSTMFunction.apply(q, k, v, i, f, C0, n0, m0, BL, eps, scale, recompute_states)
     return h, (C, n, m)
