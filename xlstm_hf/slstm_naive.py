@@ -17,7 +17,8 @@ An empty state is h = c = n = 0 and m = -inf (the first step then sets m_1 = i_1
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from .mlstm_naive import log_sigmoid
 
 SLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -37,7 +38,7 @@ def slstm_recurrent_step(
     h, c, n, m = state
     raw = x.float() + torch.einsum("bhd,hdg->bhg", h, r.float())  # [B, NH, 4 * DH]
     i, f, z, o = raw.chunk(4, dim=-1)
-    logf_m = F.logsigmoid(f) + m
+    logf_m = log_sigmoid(f) + m
     m_new = torch.maximum(logf_m, i)
     decay = torch.exp(logf_m - m_new)
     gain = torch.exp(i - m_new)
