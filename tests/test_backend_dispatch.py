@@ -20,18 +20,20 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 @pytest.fixture
 def triton_kernels(monkeypatch):
-    chunk, step = load_kernels("mlstm_chunk"), load_kernels("mlstm_step")
+    chunk, step, slstm = load_kernels("mlstm_chunk"), load_kernels("mlstm_step"), load_kernels("slstm_fused")
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(modeling_xlstm, "mlstm_chunkwise_triton", chunk.mlstm_chunkwise_triton)
     monkeypatch.setattr(modeling_xlstm, "mlstm_step_triton", step.mlstm_step_triton)
+    monkeypatch.setattr(modeling_xlstm, "slstm_triton", slstm.slstm_triton)
 
 
 def pair(architecture: str):
-    """The same weights under backend="torch" and backend="triton" (chunk_size 16: the kernel's smallest tile)."""
-    config = tiny_config(architecture, slstm_at=[], chunk_size=16, pad_token_id=0)
+    """The same weights under backend="torch" and backend="triton" (chunk_size 16: the kernel's smallest tile); the
+    paper stack has an sLSTM block in the middle."""
+    config = tiny_config(architecture, chunk_size=16, pad_token_id=0)
     ref = randomize_(xlstm_hf.xLSTMForCausalLM(config), 0.1).to(DEVICE)
-    fast = xlstm_hf.xLSTMForCausalLM(tiny_config(architecture, slstm_at=[], chunk_size=16, backend="triton"))
+    fast = xlstm_hf.xLSTMForCausalLM(tiny_config(architecture, chunk_size=16, backend="triton"))
     fast.load_state_dict(ref.state_dict())
     return ref, fast.to(DEVICE)
 
@@ -56,8 +58,9 @@ def test_triton_backend_trains_like_the_reference(architecture, triton_kernels):
         torch.testing.assert_close(p_fast, p_ref, **TOL, msg=name)
 
 
-def test_triton_backend_generates_the_same_tokens(triton_kernels):
-    ref, fast = pair("7b")
+@pytest.mark.parametrize("architecture", ["paper", "7b"])
+def test_triton_backend_generates_the_same_tokens(architecture, triton_kernels):
+    ref, fast = pair(architecture)
     prompt = torch.randint(1, 97, (2, 9), device=DEVICE)
     a = ref.eval().generate(prompt, max_new_tokens=8, do_sample=False)
     b = fast.eval().generate(prompt, max_new_tokens=8, do_sample=False)

@@ -33,6 +33,7 @@ from .mlstm_naive import (
     mlstm_recurrent_step,
 )
 from .mlstm_step import mlstm_step_triton
+from .slstm_fused import slstm_triton
 from .slstm_naive import SLSTMState, slstm_recurrent
 
 logger = logging.get_logger(__name__)
@@ -214,7 +215,10 @@ def mlstm_sequence(
 def slstm_sequence(
     x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
 ) -> tuple[torch.Tensor, SLSTMState]:
-    """x [B, NH, S, 4 * DH]; r [NH, DH, 4 * DH] -> h [B, NH, S, DH], state. Chooses the kernel."""
+    """x [B, NH, S, 4 * DH]; r [NH, DH, 4 * DH] -> h [B, NH, S, DH], state. Chooses the kernel: the fused Triton
+    sLSTM (its time loop in one launch; heads above 128 fall back inside it with a warning) or the reference."""
+    if _use_triton(config, x):
+        return slstm_triton(x, r, state, mask)
     return slstm_recurrent(x, r, state, mask)
 
 
