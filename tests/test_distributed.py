@@ -142,6 +142,7 @@ else:
 if rank == 0:
     torch.save({"losses": losses, "sharded": sharded, "state": state}, os.environ["OUT"])
 if distributed:
+    dist.barrier()  # no rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 """
 
