@@ -101,7 +101,7 @@ class CausalConv1d(nn.Module):
             conv_state = x.new_zeros(B, self.kernel_size - 1, D)
         xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, KS - 1 + S, D]
         y = F.conv1d(xs.transpose(1, 2), self.conv.weight, self.conv.bias, groups=D).transpose(1, 2)
-        return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :]
+        return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :].contiguous()
 
 
 class HeadwiseLinear(nn.Module):
@@ -709,7 +709,8 @@ def _document_starts(
 
     Boundaries come from `cu_seq_lens_q` / `cu_seq_lens_k` (cumulative lengths over the flattened batch) or, without
     an attention_mask, from `position_ids` restarting at 0 (what DataCollatorWithFlattening produces)."""
-    cu = kwargs.get("cu_seq_lens_q", kwargs.get("cu_seq_lens_k"))
+    cu = kwargs.get("cu_seq_lens_q")
+    cu = kwargs.get("cu_seq_lens_k") if cu is None else cu
     if cu is not None:
         cu = cu.to(device).long()
         if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != B * S or bool((cu[1:] < cu[:-1]).any()):
@@ -839,6 +840,9 @@ class xLSTMModel(xLSTMPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.LongTensor | None = None,
+        cu_seq_lens_k: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> xLSTMOutput | tuple:
         """input_ids [B, S] (or inputs_embeds [B, S, D]); attention_mask [B, S] (1 real, 0 padding) of these tokens;
@@ -856,7 +860,8 @@ class xLSTMModel(xLSTMPreTrainedModel):
         if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             mask = attention_mask.bool()
 
-        starts = _document_starts(kwargs, attention_mask, x.shape[0], x.shape[1], x.device)
+        boundaries = {"position_ids": position_ids, "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k}
+        starts = _document_starts(boundaries, attention_mask, x.shape[0], x.shape[1], x.device)
         if starts is not None:
             if cache is not None:
                 raise ValueError(
@@ -969,13 +974,19 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        position_ids: torch.LongTensor | None = None,
+        cu_seq_lens_q: torch.LongTensor | None = None,
+        cu_seq_lens_k: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> xLSTMCausalLMOutput | tuple:
         """As xLSTMModel.forward; labels [B, S] (shifted inside, -100 ignored); logits_to_keep: compute the logits of
         the last positions only (0: all)."""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        if self._use_compiled_step(input_ids, attention_mask, cache, labels, output_hidden_states, kwargs):
+        packed = position_ids is not None or cu_seq_lens_q is not None or cu_seq_lens_k is not None
+        if not packed and self._use_compiled_step(
+            input_ids, attention_mask, cache, labels, output_hidden_states, kwargs
+        ):
             self.backbone._check_inputs(input_ids, None, None, cache)
             logits, states = _compiled_step(self)(input_ids, list(cache.states))
             for idx, state in enumerate(states):
@@ -991,6 +1002,9 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            position_ids=position_ids,
+            cu_seq_lens_q=cu_seq_lens_q,
+            cu_seq_lens_k=cu_seq_lens_k,
             **kwargs,
         )
         h = out.last_hidden_state
