@@ -111,6 +111,10 @@ class ScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "keep only the first N evaluation rows"})
     prompt: str = field(default="The with statement", metadata={"help": "prompt of the sample generated at the end"})
     max_new_tokens: int = field(default=80, metadata={"help": "length of the sample"})
+    push_to_repo: str | None = field(
+        default=None,
+        metadata={"help": "push model, tokenizer and a model card (with these arguments and results) to this Hub repo"},
+    )
 
 
 def parse_args() -> tuple[ScriptArguments, TrainingArguments]:
@@ -374,6 +378,20 @@ def main() -> None:
             f"saved model and tokenizer to {os.path.abspath(training_args.output_dir)}"
         )
         print(f"sample:\n{generate_sample(trainer.model, tokenizer, args)}")
+        if args.push_to_repo:
+            push(training_args, args)
+
+
+def push(training_args: TrainingArguments, args: ScriptArguments) -> None:
+    """Model, tokenizer and a model card whose training section holds these arguments and results, in one commit."""
+    from xlstm_hf.hub import push_checkpoint, write_model_card
+
+    out = Path(training_args.output_dir)
+    (out / "training_args.json").write_text(json.dumps(training_args.to_sanitized_dict(), indent=2, default=str))
+    data = args.dataset_name or args.train_file or "pydoc_data.topics (the Python documentation topics)"
+    write_model_card(out, repo_id=args.push_to_repo, datasets=[data])
+    commit = push_checkpoint(out, args.push_to_repo, commit_message="examples/train.py")
+    print(f"pushed to {commit.commit_url}")
 
 
 @torch.no_grad()
