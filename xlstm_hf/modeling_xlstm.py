@@ -23,11 +23,11 @@ from transformers.utils import ModelOutput, logging
 
 from .configuration_xlstm import xLSTMConfig
 from .mlstm_chunk import HAS_TRITON, mlstm_chunkwise_triton
+from .mlstm_chunk_torch import mlstm_chunkwise_torch
 from .mlstm_naive import (
     MASKED_IGATE,
     MLSTMState,
     empty_state,
-    mlstm_chunkwise,
     mlstm_parallel,
     mlstm_recurrent,
     mlstm_recurrent_step,
@@ -42,11 +42,66 @@ logger = logging.get_logger(__name__)
 MASKED_FGATE = 1.0e4
 
 
+def _soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(x / cap) in float32 as cap * (2 sigmoid(2 x / cap) - 1): torch.tanh costs 2.6 ms on 2M floats with
+    2 CPU threads against 0.4 ms for torch.sigmoid; the absolute error stays below 4 * cap * 2^-24."""
+    return torch.sigmoid(x.float() * (2.0 / cap)).mul_(2.0 * cap).sub_(cap)
+
+
+class SoftCapFunction(torch.autograd.Function):
+    """y = cap * tanh(x / cap) with dy/dx = 1 - (y / cap)^2 from the saved output: one saved tensor and two passes
+    backward, where autograd keeps x / cap and tanh and makes three."""
+
+    @staticmethod
+    def forward(ctx, x, cap):
+        y = _soft_cap(x, cap)
+        ctx.save_for_backward(y)
+        ctx.cap = cap
+        return y.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        dyf = dy.float()
+        return torch.addcmul(dyf, dyf, y.square(), value=-1.0 / ctx.cap**2).to(dy.dtype), None
+
+
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     """cap * tanh(x / cap), computed in float32 and cast back; identity when cap is None."""
     if cap is None:
         return x
-    return (cap * torch.tanh(x.float() / cap)).to(x.dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        return SoftCapFunction.apply(x, cap)
+    return _soft_cap(x, cap).to(x.dtype)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """RMSNorm over the last dim with float32 statistics: the backward in five passes over x from the saved 1 / rms,
+    where autograd through the written-out forward takes ~12 (0.25 against 0.9 ms on [2, 1024, 256], 2 threads)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        xf = x.float()
+        rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1]
+        y = (xf * rstd).to(x.dtype) * weight
+        ctx.save_for_backward(x, rstd, weight)
+        ctx.has_bias = bias is not None
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, rstd, weight = ctx.saved_tensors
+        dyf = dy.float()
+        xhat = x.float() * rstd
+        rows = tuple(range(dy.dim() - 1))
+        dweight = (dyf * xhat).sum(rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = dyf.sum(rows).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dxhat = dyf * weight.float()
+        proj = (dxhat * xhat).mean(-1, keepdim=True)
+        dx = torch.addcmul(dxhat, xhat, proj, value=-1.0).mul_(rstd).to(x.dtype)
+        return dx, dweight, dbias, None
 
 
 class LayerNorm(nn.Module):
@@ -68,6 +123,8 @@ class RMSNorm(LayerNorm):
     """RMSNorm over the last dim with float32 reductions (the xLSTM-7B norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return RMSNormFunction.apply(x, self.weight, self.bias, self.eps)
         # Written out: F.rms_norm costs ~30 us on a single decode token on CPU, twice these five ops.
         xf = x.float()
         y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
@@ -209,7 +266,7 @@ def mlstm_sequence(
                        f"chunk_size={chunk} not a power of two >= 16: running the PyTorch reference")  # fmt: skip
         else:
             return mlstm_chunkwise_triton(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
-    return mlstm_chunkwise(q, k, v, i, f, state, chunk_size=config.chunk_size, eps=eps, empty_m=empty_m)
+    return mlstm_chunkwise_torch(q, k, v, i, f, state, chunk_size=config.chunk_size, eps=eps, empty_m=empty_m)
 
 
 def slstm_sequence(

@@ -1,0 +1,286 @@
+"""Chunkwise mLSTM in PyTorch with a hand-written backward: the fast path on CPU (and on any device without Triton).
+
+The same function as ``mlstm_naive.mlstm_chunkwise`` (the autograd reference), in the same notation:
+    q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S]; state (C [B, NH, DK, DV], n [B, NH, DK], m [B, NH]).
+Inside, every tensor is split into NC chunks of L positions: [B, NH, NC, L, ...].
+
+Forward: the states entering the chunks by one matmul over the chunks' own contributions, then each chunk's
+stabilised quadratic form, with in-place arithmetic where autograd would keep every intermediate. The backward follows
+the Triton kernels of ``mlstm_chunk`` (m treated as a stabiliser, then routed through its argmax):
+    1. 1 / normaliser, dL/d den and dL/d m_row (``_normaliser_grads``);
+    2. the gradients of the states entering the chunks, by the reverse recurrence written as one matmul;
+    3. dq, dk, dv within every chunk from the saved decay matrix D;
+    4. di, df and dm0 from the identities of ``_gate_grads``.
+A training step of the xLSTM-7B-style benchmark model spends 2.4x less time here than in autograd through the
+reference (measured in ``scripts/benchmark_cpu.py``'s setting, see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, log_sigmoid
+
+
+def _normaliser_grads(
+    h: torch.Tensor, dh: torch.Tensor, m_row: torch.Tensor, den: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From h = num / N with N = max(|den|, exp(-max(m, -80))) + eps, all [B, NH, S]: 1 / N, dL/d den, and dL/d m
+    where num and den scale with exp(-m) (so h depends on m only through eps and the clamp)."""
+    floor = torch.exp(-m_row.clamp(min=_MIN_M_FOR_FLOOR))
+    den_wins = den.abs() >= floor
+    N = torch.where(den_wins, den.abs(), floor) + eps
+    hdh = (h.float() * dh.float()).sum(-1)  # [B, NH, S]
+    dden = torch.where(den_wins, -hdh / N * torch.sign(den), torch.zeros_like(den))
+    dN_dm = torch.where(den_wins, -den.abs(), torch.where(m_row > _MIN_M_FOR_FLOOR, -floor, torch.zeros_like(floor)))
+    dm_row = -hdh * (1 + dN_dm / N)
+    return 1 / N, dden, dm_row
+
+
+def _gate_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    logf: torch.Tensor,
+    m0: torch.Tensor,
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dm_row: torch.Tensor,
+    dF_last: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """di, df [B, NH, S] and dm0 [B, NH].
+
+    With m constant, i_t enters every term through exp(i_t) k_t and F_t (cumulative log forget gate) through
+    exp(F_t) q_t and exp(-F_t) k_t, so di = k . dk and dF = q . dq - k . dk (+ dF_last at the last position, the
+    final state's exp(F_S)). dm_row [B, NH, S] is then routed to the term that attains each m_t = max(m0 + F_t,
+    max_{j <= t} i_j + F_t - F_j)."""
+    kdk = (k.float() * dk).sum(-1)  # [B, NH, S]
+    di = kdk.clone()
+    dF = (q.float() * dq).sum(-1) - kdk
+    dF[..., -1] += dF_last
+    Fc = logf.cumsum(-1)  # [B, NH, S]
+    best, idx = torch.cummax(i.float() - Fc, dim=-1)  # [B, NH, S]
+    from_state = m0[..., None] > best
+    dm_pos = torch.where(from_state, torch.zeros_like(dm_row), dm_row)
+    dF += dm_row
+    di.scatter_add_(-1, idx, dm_pos)
+    dF.scatter_add_(-1, idx, -dm_pos)
+    dm0 = torch.where(from_state, dm_row, torch.zeros_like(dm_row)).sum(-1)
+    dlogf = dF.flip(-1).cumsum(-1).flip(-1)
+    return di, dlogf * torch.sigmoid(-f.float()), dm0
+
+
+def _forward_segments(g: torch.Tensor) -> torch.Tensor:
+    """g [.., NC] -> [.., NC + 1, NC]: entry (c, c') = g[c' + 1] + ... + g[c - 1] for c' < c, -inf elsewhere (the
+    log decay from the end of chunk c' to the start of chunk c). Summed per entry, not as a difference of cumsums,
+    which would lose precision over long sequences."""
+    NC = g.shape[-1]
+    rows = torch.arange(NC, device=g.device)
+    cs = (g[..., :, None] * (rows[:, None] > rows[None, :])).cumsum(-2)  # [.., NC, NC] (r, c') = g[c'+1..r]
+    seg = F.pad(cs, (0, 0, 1, 0))
+    valid = rows[None, :] < torch.arange(NC + 1, device=g.device)[:, None]  # [NC + 1, NC]: c' < c
+    return seg.masked_fill(~valid, float("-inf"))
+
+
+def _backward_segments(g: torch.Tensor) -> torch.Tensor:
+    """g [.., NC] -> [.., NC + 1, NC + 1]: entry (c, c') = g[c] + ... + g[c' - 1] for c <= c' (0 on the diagonal),
+    -inf below it: the log decay from the start of chunk c to the start of chunk c'."""
+    NC = g.shape[-1]
+    idx = torch.arange(NC + 1, device=g.device)
+    cs = (g[..., None, :] * (idx[:-1][None, :] >= idx[:, None])).cumsum(-1)  # [.., NC + 1, NC] (c, c'') = g[c..c'']
+    seg = F.pad(cs, (1, 0))  # column c' holds the sum up to c' - 1
+    return seg.masked_fill(idx[None, :] < idx[:, None], float("-inf"))
+
+
+def _chunk_fwd(
+    qs: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    b: torch.Tensor,
+    C0: torch.Tensor,
+    n0: torch.Tensor,
+    m0: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """qs (q * scale), k [B, NH, NC, L, DK], v [B, NH, NC, L, DV], i and b (within-chunk cumulative log forget gate)
+    [B, NH, NC, L], float32. Returns h [B, NH, NC, L, DV] float32, the states entering every chunk and the final one
+    C_all [B, NH, NC + 1, DK, DV], n_all [B, NH, NC + 1, DK], m_all [B, NH, NC + 1], and per position m_row, den
+    [B, NH, NC, L] and the stabilised decay matrix D [B, NH, NC, L, L]."""
+    B, NH, NC, L, DK = qs.shape
+    DV = v.shape[-1]
+    g = b[..., -1]  # [B, NH, NC]
+
+    # 1. the states entering the chunks: chunk c' contributes its kv (scaled by exp(a_max[c'])) decayed over the
+    # chunks between; the initial state decays over all chunks before.
+    a = g[..., None] - b + i  # [B, NH, NC, L] log weight of position t in its chunk's end state
+    a_max = a.amax(-1)  # [B, NH, NC]
+    k_w = k * (a - a_max[..., None]).exp_()[..., None]  # [B, NH, NC, L, DK]
+    kv = k_w.transpose(-1, -2) @ v  # [B, NH, NC, DK, DV]
+    k_sum = k_w.sum(-2)  # [B, NH, NC, DK]
+    log_w = a_max[..., None, :] + _forward_segments(g)  # [B, NH, NC + 1, NC]
+    log_w0 = m0[..., None] + F.pad(g.cumsum(-1), (1, 0))  # [B, NH, NC + 1]
+    m_all = torch.maximum(log_w.amax(-1), log_w0)  # [B, NH, NC + 1]
+    m_ref = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)  # an empty memory stays 0, not nan
+    w = (log_w - m_ref[..., None]).exp_()  # [B, NH, NC + 1, NC]
+    w0 = (log_w0 - m_ref).exp_()  # [B, NH, NC + 1]
+    C_all = torch.baddbmm(
+        w0.view(B * NH, NC + 1, 1) * C0.reshape(B * NH, 1, DK * DV),
+        w.view(B * NH, NC + 1, NC),
+        kv.view(B * NH, NC, DK * DV),
+    ).view(B, NH, NC + 1, DK, DV)
+    n_all = w @ k_sum + w0[..., None] * n0[:, :, None]  # [B, NH, NC + 1, DK]
+    C_in, n_in, m_in = C_all[:, :, :-1], n_all[:, :, :-1], m_all[..., :-1]
+
+    # 2. within every chunk: log D[t, j] = b[t] - b[j] + i[j] (j <= t), whose row max is b[t] + cummax(i - b)[t].
+    w_col = i - b  # [B, NH, NC, L]
+    m_inter = b + m_in[..., None]  # [B, NH, NC, L]
+    m_row = torch.maximum(b + w_col.cummax(-1).values, m_inter)  # [B, NH, NC, L]
+    upper = torch.ones(L, L, dtype=torch.bool, device=qs.device).triu(1)
+    D = ((b - m_row)[..., :, None] + w_col[..., None, :]).masked_fill_(upper, float("-inf")).exp_()  # [.., L, L]
+    s = (qs @ k.transpose(-1, -2)).mul_(D)  # [B, NH, NC, L, L]
+    e = (m_inter - m_row).exp_()  # [B, NH, NC, L] weight of the entering state
+    q_inter = qs * e[..., None]  # [B, NH, NC, L, DK]
+    num = (s @ v).add_(q_inter @ C_in)  # [B, NH, NC, L, DV]
+    den = s.sum(-1).add_((q_inter * n_in[..., None, :]).sum(-1))  # [B, NH, NC, L]
+    floor = (-m_row.clamp(min=_MIN_M_FOR_FLOOR)).exp_()
+    h = num.div_((torch.maximum(den.abs(), floor) + eps)[..., None])
+    return h, C_all, n_all, m_all, m_row, den, D
+
+
+def _chunked_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor, L: int, scale: float
+) -> tuple[torch.Tensor, ...]:
+    """Float32 inputs padded to NC * L positions (the padding does not touch the memory) and split into chunks:
+    qs (q * scale), k [B, NH, NC, L, DK], v [B, NH, NC, L, DV], i, logf, b [B, NH, NC, L]."""
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    NC = math.ceil(S / L)
+    pad = NC * L - S
+    qf, kf, vf, i32 = (t.float() for t in (q, k, v, i))
+    logf = log_sigmoid(f.float())
+    if pad:
+        qf, kf, vf = (F.pad(t, (0, 0, 0, pad)) for t in (qf, kf, vf))
+        i32 = F.pad(i32, (0, pad), value=MASKED_IGATE)
+        logf = F.pad(logf, (0, pad))
+    logf = logf.reshape(B, NH, NC, L)
+    return (
+        (qf * scale).reshape(B, NH, NC, L, DK),
+        kf.reshape(B, NH, NC, L, DK),
+        vf.reshape(B, NH, NC, L, DV),
+        i32.reshape(B, NH, NC, L),
+        logf,
+        logf.cumsum(-1),
+    )
+
+
+class ChunkMLSTMTorchFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale):
+        B, NH, S, _ = q.shape
+        qs, kc, vc, ic, logf, b = _chunked_inputs(q, k, v, i, f, min(chunk_size, S), scale)
+        h, C_all, n_all, m_all, m_row, den, D = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
+        ctx.save_for_backward(qs, kc, vc, ic, logf, b, f, C_all, n_all, m_all, m_row, den, D, h, m0, C0, n0)
+        ctx.cfg = (S, eps, scale, q.dtype, k.dtype, v.dtype, i.dtype, f.dtype)
+        ctx.set_materialize_grads(False)
+        h = h.reshape(B, NH, -1, h.shape[-1])[:, :, :S].to(q.dtype)
+        return h, C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh, dC, dn, dm):
+        qs, k, v, i, logf, b, f, C_all, n_all, m_all, m_row, den, D, h, m0, C0, n0 = ctx.saved_tensors
+        S, eps, scale, *dtypes = ctx.cfg
+        B, NH, NC, L, DK = qs.shape
+        DV = v.shape[-1]
+        f32 = dict(device=qs.device, dtype=torch.float32)
+        dh = torch.zeros(B, NH, S, DV, **f32) if dh is None else dh.float()
+        if NC * L > S:
+            dh = F.pad(dh, (0, 0, 0, NC * L - S))
+        dh = dh.reshape(B, NH, NC, L, DV)
+        dC = torch.zeros(B, NH, DK, DV, **f32) if dC is None else dC.float()
+        dn = torch.zeros(B, NH, DK, **f32) if dn is None else dn.float()
+        dm = torch.zeros(B, NH, **f32) if dm is None else dm.float()
+
+        # 1. the normaliser
+        rN, dden, dm_row = _normaliser_grads(h, dh, m_row, den, eps)  # [B, NH, NC, L]
+        dnum = dh * rN[..., None]  # [B, NH, NC, L, DV]
+
+        # 2. the gradients of the states entering the chunks (and of the final one): dS[c] = X[c] + decay[c] dS[c+1]
+        # with X[c] chunk c's use of its entering state and decay[c] = exp(g[c] + m[c] - m[c + 1]) <= 1.
+        g = b[..., -1]  # [B, NH, NC]
+        m_in = m_all[..., :-1]
+        e = (b + m_in[..., None] - m_row).exp_()  # [B, NH, NC, L]
+        qe = qs * e[..., None]  # [B, NH, NC, L, DK]
+        X_C = torch.cat([qe.transpose(-1, -2) @ dnum, dC[:, :, None]], dim=2)  # [B, NH, NC + 1, DK, DV]
+        X_n = torch.cat([(qe * dden[..., None]).sum(-2), dn[:, :, None]], dim=2)  # [B, NH, NC + 1, DK]
+        m_ref = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
+        log_r = _backward_segments(g) + m_ref[..., :, None] - m_ref[..., None, :]  # [B, NH, NC + 1, NC + 1]
+        log_r[..., 0, 1:] = log_r[..., 0, 1:].masked_fill(torch.isinf(m_all[..., :1]), float("-inf"))
+        r = log_r.exp_()
+        dS_C = (r.view(B * NH, NC + 1, NC + 1) @ X_C.view(B * NH, NC + 1, DK * DV)).view(B, NH, NC + 1, DK, DV)
+        dS_n = r @ X_n  # [B, NH, NC + 1, DK]
+        dC_next, dn_next = dS_C[:, :, 1:], dS_n[:, :, 1:]  # gradients of the states leaving the chunks
+
+        # 3. within every chunk, with w[j] = exp(g - b[j] + i[j] - m[c + 1]) position j's weight in the leaving state
+        w = (g[..., None] - b + i - m_all[..., 1:, None]).exp_()  # [B, NH, NC, L]
+        ds = (dnum @ v.transpose(-1, -2)).add_(dden[..., None]).mul_(D)  # [B, NH, NC, L, L]
+        dqs = (ds @ k).add_(
+            e[..., None] * (dnum @ C_all[:, :, :-1].transpose(-1, -2) + dden[..., None] * n_all[:, :, :-1, None, :])
+        )
+        dk = (ds.transpose(-1, -2) @ qs).add_(w[..., None] * (v @ dC_next.transpose(-1, -2) + dn_next[..., None, :]))
+        s = (qs @ k.transpose(-1, -2)).mul_(D)
+        dv = (s.transpose(-1, -2) @ dnum).add_(w[..., None] * (k @ dC_next))
+
+        # 4. the gates, on the unpadded sequence; the returned state is C_true * exp(-m), which puts exp(F_S) and
+        # m_S into it.
+        def unchunk(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(B, NH, NC * L, *t.shape[4:])[:, :, :S]
+
+        state_dot = (dC * C_all[:, :, -1]).sum((-2, -1)) + (dn * n_all[:, :, -1]).sum(-1)  # [B, NH]
+        dm_row = unchunk(dm_row).clone()
+        dm_row[..., -1] += dm - state_dot
+        dqs, dk, dv = unchunk(dqs), unchunk(dk), unchunk(dv)
+        di, df, dm0 = _gate_grads(unchunk(qs), unchunk(k), unchunk(i), f, unchunk(logf), m0, dqs, dk, dm_row, state_dot)
+        dq = dqs.mul_(scale)
+        dC0, dn0 = dS_C[:, :, 0], dS_n[:, :, 0]
+        dm0 = dm0 + torch.where(torch.isinf(m0), torch.zeros_like(m0), (dC0 * C0).sum((-2, -1)) + (dn0 * n0).sum(-1))
+        q_dt, k_dt, v_dt, i_dt, f_dt = dtypes
+        return dq.to(q_dt), dk.to(k_dt), dv.to(v_dt), di.to(i_dt), df.to(f_dt), dC0, dn0, dm0, None, None, None
+
+
+def mlstm_chunkwise_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    initial_state: MLSTMState | None = None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    scale: float | None = None,
+    empty_m: float = 0.0,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """Chunkwise mLSTM: h [B, NH, S, DV] in q's dtype and the final float32 state; differentiable in q, k, v, i, f
+    and the initial C, n, m. Arguments as ``mlstm_naive.mlstm_chunkwise``."""
+    B, NH, S, DK = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or i.shape != (B, NH, S) or f.shape != (B, NH, S):
+        raise ValueError(
+            f"mLSTM inputs: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, "
+            f"f {tuple(f.shape)}; expected q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S]"
+        )
+    if S == 0:
+        raise ValueError("mLSTM needs a sequence of at least one position, got S = 0")
+    scale = DK**-0.5 if scale is None else scale
+    C0, n0, m0 = _initial_state(initial_state, q, v, empty_m)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, C0, n0, m0)):
+        h, C, n, m = ChunkMLSTMTorchFunction.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)
+        return h, (C, n, m)
+    qs, kc, vc, ic, _, b = _chunked_inputs(q, k, v, i, f, min(chunk_size, S), scale)
+    h, C_all, n_all, m_all, *_ = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
+    h = h.reshape(B, NH, -1, h.shape[-1])[:, :, :S].to(q.dtype)
+    return h, (C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1])
