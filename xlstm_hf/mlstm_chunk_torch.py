@@ -134,7 +134,7 @@ def _chunk_fwd(
         kv.view(B * NH, NC, DK * DV),
     ).view(B, NH, NC + 1, DK, DV)
     n_all = w @ k_sum + w0[..., None] * n0[:, :, None]  # [B, NH, NC + 1, DK]
-    C_in, n_in, m_in = C_all[:, :, :-1], n_all[:, :, :-1], m_all[..., :-1]
+    C_in, n_in, m_in = C_all[:, :, :-1].contiguous(), n_all[:, :, :-1], m_all[..., :-1]
 
     # 2. within every chunk: log D[t, j] = b[t] - b[j] + i[j] (j <= t), whose row max is b[t] + cummax(i - b)[t].
     w_col = i - b  # [B, NH, NC, L]
@@ -145,8 +145,10 @@ def _chunk_fwd(
     s = (qs @ k.transpose(-1, -2)).mul_(D)  # [B, NH, NC, L, L]
     e = (m_inter - m_row).exp_()  # [B, NH, NC, L] weight of the entering state
     q_inter = qs * e[..., None]  # [B, NH, NC, L, DK]
-    num = (s @ v).add_(q_inter @ C_in)  # [B, NH, NC, L, DV]
-    den = s.sum(-1).add_((q_inter * n_in[..., None, :]).sum(-1))  # [B, NH, NC, L]
+    num = torch.baddbmm((q_inter.view(-1, L, DK) @ C_in.view(-1, DK, DV)), s.view(-1, L, L), v.view(-1, L, DV)).view(
+        B, NH, NC, L, DV
+    )
+    den = s.sum(-1).add_((q_inter @ n_in[..., None]).squeeze(-1))  # [B, NH, NC, L]
     floor = (-m_row.clamp(min=_MIN_M_FOR_FLOOR)).exp_()
     h = num.div_((torch.maximum(den.abs(), floor) + eps)[..., None])
     return h, C_all, n_all, m_all, m_row, den, D
@@ -168,10 +170,11 @@ def _chunked_inputs(
         i32 = F.pad(i32, (0, pad), value=MASKED_IGATE)
         logf = F.pad(logf, (0, pad))
     logf = logf.reshape(B, NH, NC, L)
+    # contiguous once here rather than copied by every matmul that reads them (q, k, v arrive as head views)
     return (
-        (qf * scale).reshape(B, NH, NC, L, DK),
-        kf.reshape(B, NH, NC, L, DK),
-        vf.reshape(B, NH, NC, L, DV),
+        (qf * scale).reshape(B, NH, NC, L, DK).contiguous(),
+        kf.reshape(B, NH, NC, L, DK).contiguous(),
+        vf.reshape(B, NH, NC, L, DV).contiguous(),
         i32.reshape(B, NH, NC, L),
         logf,
         logf.cumsum(-1),
@@ -202,9 +205,9 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
         if NC * L > S:
             dh = F.pad(dh, (0, 0, 0, NC * L - S))
         dh = dh.reshape(B, NH, NC, L, DV)
-        dC = torch.zeros(B, NH, DK, DV, **f32) if dC is None else dC.float()
-        dn = torch.zeros(B, NH, DK, **f32) if dn is None else dn.float()
-        dm = torch.zeros(B, NH, **f32) if dm is None else dm.float()
+        # the final state's gradients are None when only h is used (training without carrying the state)
+        dC = torch.zeros(B, NH, DK, DV, **f32) if dC is None and dn is not None else dC
+        dn = torch.zeros(B, NH, DK, **f32) if dn is None and dC is not None else dn
 
         # 1. the normaliser
         rN, dden, dm_row = _normaliser_grads(h, dh, m_row, den, eps)  # [B, NH, NC, L]
@@ -215,35 +218,49 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
         g = b[..., -1]  # [B, NH, NC]
         m_in = m_all[..., :-1]
         e = (b + m_in[..., None] - m_row).exp_()  # [B, NH, NC, L]
-        qe = qs * e[..., None]  # [B, NH, NC, L, DK]
-        X_C = torch.cat([qe.transpose(-1, -2) @ dnum, dC[:, :, None]], dim=2)  # [B, NH, NC + 1, DK, DV]
-        X_n = torch.cat([(qe * dden[..., None]).sum(-2), dn[:, :, None]], dim=2)  # [B, NH, NC + 1, DK]
+        qe_t = (qs * e[..., None]).transpose(-1, -2)  # [B, NH, NC, DK, L]
+        X_C = qe_t @ dnum  # [B, NH, NC, DK, DV]
+        X_n = (qe_t @ dden[..., None]).squeeze(-1)  # [B, NH, NC, DK]
         m_ref = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)
         log_r = _backward_segments(g) + m_ref[..., :, None] - m_ref[..., None, :]  # [B, NH, NC + 1, NC + 1]
         log_r[..., 0, 1:] = log_r[..., 0, 1:].masked_fill(torch.isinf(m_all[..., :1]), float("-inf"))
         r = log_r.exp_()
-        dS_C = (r.view(B * NH, NC + 1, NC + 1) @ X_C.view(B * NH, NC + 1, DK * DV)).view(B, NH, NC + 1, DK, DV)
-        dS_n = r @ X_n  # [B, NH, NC + 1, DK]
-        dC_next, dn_next = dS_C[:, :, 1:], dS_n[:, :, 1:]  # gradients of the states leaving the chunks
+        dS_C = (r[..., :NC] @ X_C.view(B, NH, NC, DK * DV)).view(B, NH, NC + 1, DK, DV)
+        dS_n = r[..., :NC] @ X_n  # [B, NH, NC + 1, DK]
+        if dC is not None:
+            dS_C += r[..., NC, None, None] * dC.float()[:, :, None]
+            dS_n += r[..., NC, None] * dn.float()[:, :, None]
+        dC_next = dS_C[:, :, 1:].reshape(-1, DK, DV)  # gradients of the states leaving the chunks
+        dn_next = dS_n[:, :, 1:]
 
         # 3. within every chunk, with w[j] = exp(g - b[j] + i[j] - m[c + 1]) position j's weight in the leaving state
-        w = (g[..., None] - b + i - m_all[..., 1:, None]).exp_()  # [B, NH, NC, L]
-        ds = (dnum @ v.transpose(-1, -2)).add_(dden[..., None]).mul_(D)  # [B, NH, NC, L, L]
-        dqs = (ds @ k).add_(
-            e[..., None] * (dnum @ C_all[:, :, :-1].transpose(-1, -2) + dden[..., None] * n_all[:, :, :-1, None, :])
+        w = (g[..., None] - b + i - m_all[..., 1:, None]).exp_()[..., None]  # [B, NH, NC, L, 1]
+        C_in = C_all[:, :, :-1].reshape(-1, DK, DV)
+        q3, k3, v3, D3 = qs.view(-1, L, DK), k.view(-1, L, DK), v.view(-1, L, DV), D.view(-1, L, L)
+        dnum3 = dnum.view(-1, L, DV)
+        ds = torch.baddbmm(dden.view(-1, L, 1), dnum3, v3.transpose(1, 2)).mul_(D3)  # [B * NH * NC, L, L]
+        dqs = torch.baddbmm(
+            ((e * dden)[..., None] * n_all[:, :, :-1, None, :]).view(-1, L, DK),
+            (dnum * e[..., None]).view(-1, L, DV),
+            C_in.transpose(1, 2),
         )
-        dk = (ds.transpose(-1, -2) @ qs).add_(w[..., None] * (v @ dC_next.transpose(-1, -2) + dn_next[..., None, :]))
-        s = (qs @ k.transpose(-1, -2)).mul_(D)
-        dv = (s.transpose(-1, -2) @ dnum).add_(w[..., None] * (k @ dC_next))
+        dqs = torch.baddbmm(dqs, ds, k3)
+        dk = (w * dn_next[..., None, :]).view(-1, L, DK)
+        dk = torch.baddbmm(dk, (v * w).view(-1, L, DV), dC_next.transpose(1, 2))
+        dk = torch.baddbmm(dk, ds.transpose(1, 2), q3)
+        s = torch.bmm(q3, k3.transpose(1, 2)).mul_(D3)
+        dv = torch.baddbmm((k * w).view(-1, L, DK) @ dC_next, s.transpose(1, 2), dnum3)
 
         # 4. the gates, on the unpadded sequence; the returned state is C_true * exp(-m), which puts exp(F_S) and
         # m_S into it.
         def unchunk(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(B, NH, NC * L, *t.shape[4:])[:, :, :S]
+            return t.reshape(B, NH, NC * L, *t.shape[2 if t.dim() == 3 else 4 :])[:, :, :S]
 
-        state_dot = (dC * C_all[:, :, -1]).sum((-2, -1)) + (dn * n_all[:, :, -1]).sum(-1)  # [B, NH]
+        state_dot = torch.zeros(B, NH, **f32)  # [B, NH]
+        if dC is not None:
+            state_dot = (dC.float() * C_all[:, :, -1]).sum((-2, -1)) + (dn.float() * n_all[:, :, -1]).sum(-1)
         dm_row = unchunk(dm_row).clone()
-        dm_row[..., -1] += dm - state_dot
+        dm_row[..., -1] += (0.0 if dm is None else dm.float()) - state_dot
         dqs, dk, dv = unchunk(dqs), unchunk(dk), unchunk(dv)
         di, df, dm0 = _gate_grads(unchunk(qs), unchunk(k), unchunk(i), f, unchunk(logf), m0, dqs, dk, dm_row, state_dot)
         dq = dqs.mul_(scale)
