@@ -89,3 +89,18 @@ def test_bad_shapes_raise():
         mlstm_chunkwise_torch(q, k[:, :, :4], v, i, f)
     with pytest.raises(ValueError, match="S = 0"):
         mlstm_chunkwise_torch(*(t[:, :, :0] for t in leaves))
+
+
+def test_strided_inputs_and_gradients():
+    """In the model q, k, v are head views of one projection and dh arrives in the [B, S, NH, DV] layout."""
+    leaves, _ = make_inputs(B=2, S=40)
+    grads = []
+    for fn in (mlstm_chunkwise, mlstm_chunkwise_torch):
+        xs = [t.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for t in leaves[:3]]
+        xs += [t.detach().clone().requires_grad_() for t in leaves[3:]]
+        h, _ = fn(*xs, chunk_size=16)
+        weight = torch.randn(h.transpose(1, 2).shape, generator=torch.Generator().manual_seed(2))
+        (h.transpose(1, 2) * weight).sum().backward()
+        grads.append([t.grad for t in xs])
+    for a, b in zip(*grads, strict=True):
+        assert rel_err(b, a) < TOL

@@ -201,7 +201,7 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
         B, NH, NC, L, DK = qs.shape
         DV = v.shape[-1]
         f32 = dict(device=qs.device, dtype=torch.float32)
-        dh = torch.zeros(B, NH, S, DV, **f32) if dh is None else dh.float()
+        dh = torch.zeros(B, NH, S, DV, **f32) if dh is None else dh.float().contiguous()
         if NC * L > S:
             dh = F.pad(dh, (0, 0, 0, NC * L - S))
         dh = dh.reshape(B, NH, NC, L, DV)
@@ -236,20 +236,20 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
         # 3. within every chunk, with w[j] = exp(g - b[j] + i[j] - m[c + 1]) position j's weight in the leaving state
         w = (g[..., None] - b + i - m_all[..., 1:, None]).exp_()[..., None]  # [B, NH, NC, L, 1]
         C_in = C_all[:, :, :-1].reshape(-1, DK, DV)
-        q3, k3, v3, D3 = qs.view(-1, L, DK), k.view(-1, L, DK), v.view(-1, L, DV), D.view(-1, L, L)
-        dnum3 = dnum.view(-1, L, DV)
-        ds = torch.baddbmm(dden.view(-1, L, 1), dnum3, v3.transpose(1, 2)).mul_(D3)  # [B * NH * NC, L, L]
+        q3, k3, v3, D3 = qs.reshape(-1, L, DK), k.reshape(-1, L, DK), v.reshape(-1, L, DV), D.reshape(-1, L, L)
+        dnum3 = dnum.reshape(-1, L, DV)
+        ds = torch.baddbmm(dden.reshape(-1, L, 1), dnum3, v3.transpose(1, 2)).mul_(D3)  # [B * NH * NC, L, L]
         dqs = torch.baddbmm(
-            ((e * dden)[..., None] * n_all[:, :, :-1, None, :]).view(-1, L, DK),
-            (dnum * e[..., None]).view(-1, L, DV),
+            ((e * dden)[..., None] * n_all[:, :, :-1, None, :]).reshape(-1, L, DK),
+            (dnum * e[..., None]).reshape(-1, L, DV),
             C_in.transpose(1, 2),
         )
         dqs = torch.baddbmm(dqs, ds, k3)
-        dk = (w * dn_next[..., None, :]).view(-1, L, DK)
-        dk = torch.baddbmm(dk, (v * w).view(-1, L, DV), dC_next.transpose(1, 2))
+        dk = (w * dn_next[..., None, :]).reshape(-1, L, DK)
+        dk = torch.baddbmm(dk, (v * w).reshape(-1, L, DV), dC_next.transpose(1, 2))
         dk = torch.baddbmm(dk, ds.transpose(1, 2), q3)
         s = torch.bmm(q3, k3.transpose(1, 2)).mul_(D3)
-        dv = torch.baddbmm((k * w).view(-1, L, DK) @ dC_next, s.transpose(1, 2), dnum3)
+        dv = torch.baddbmm((k * w).reshape(-1, L, DK) @ dC_next, s.transpose(1, 2), dnum3)
 
         # 4. the gates, on the unpadded sequence; the returned state is C_true * exp(-m), which puts exp(F_S) and
         # m_S into it.

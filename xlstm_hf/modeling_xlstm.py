@@ -45,7 +45,7 @@ MASKED_FGATE = 1.0e4
 def _soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """cap * tanh(x / cap) in float32 as cap * (2 sigmoid(2 x / cap) - 1): torch.tanh costs 2.6 ms on 2M floats with
     2 CPU threads against 0.4 ms for torch.sigmoid; the absolute error stays below 4 * cap * 2^-24."""
-    return torch.sigmoid(x.float() * (2.0 / cap)).mul_(2.0 * cap).sub_(cap)
+    return (x.float() * (2.0 / cap)).sigmoid_().mul_(2.0 * cap).sub_(cap)
 
 
 class SoftCapFunction(torch.autograd.Function):
@@ -63,8 +63,7 @@ class SoftCapFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        dyf = dy.float()
-        return torch.addcmul(dyf, dyf, y.square(), value=-1.0 / ctx.cap**2).to(dy.dtype), None
+        return y.square().mul_(-1.0 / ctx.cap**2).add_(1.0).mul_(dy).to(dy.dtype), None
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
