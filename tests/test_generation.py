@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerFast, TextStreamer
 import xlstm_hf
 
 FAMILIES = {"mixed": dict(architecture="paper"), "slstm": dict(slstm_at=[0, 1, 2]), "7b": dict(architecture="7b")}
-LOGIT_TOL = dict(atol=2e-5, rtol=1e-4)  # float32: step form vs chunkwise form of the same recurrence
+# float32: step form vs chunkwise form of the same recurrence. Two chunkwise implementations (autograd reference and
+# mlstm_chunk_torch) differ from each other by 1.2e-5 on these logits and from the steps by 2.5e-5 to 3.3e-5.
+LOGIT_TOL = dict(atol=5e-5, rtol=1e-4)
 
 
 def make(name="mixed", **overrides):
