@@ -186,16 +186,23 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale):
         B, NH, S, _ = q.shape
         qs, kc, vc, ic, logf, b = _chunked_inputs(q, k, v, i, f, min(chunk_size, S), scale)
-        h, C_all, n_all, m_all, m_row, den, D = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
+        with torch.autocast(q.device.type, enabled=False):  # float32 throughout, under autocast too
+            h, C_all, n_all, m_all, m_row, den, D = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
         ctx.save_for_backward(qs, kc, vc, ic, logf, b, f, C_all, n_all, m_all, m_row, den, D, h, m0, C0, n0)
         ctx.cfg = (S, eps, scale, q.dtype, k.dtype, v.dtype, i.dtype, f.dtype)
         ctx.set_materialize_grads(False)
+        ctx.device_type = q.device.type
         h = h.reshape(B, NH, -1, h.shape[-1])[:, :, :S].to(q.dtype)
         return h, C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dh, dC, dn, dm):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return ChunkMLSTMTorchFunction._backward(ctx, dh, dC, dn, dm)
+
+    @staticmethod
+    def _backward(ctx, dh, dC, dn, dm):
         qs, k, v, i, logf, b, f, C_all, n_all, m_all, m_row, den, D, h, m0, C0, n0 = ctx.saved_tensors
         S, eps, scale, *dtypes = ctx.cfg
         B, NH, NC, L, DK = qs.shape
@@ -298,6 +305,7 @@ def mlstm_chunkwise_torch(
         h, C, n, m = ChunkMLSTMTorchFunction.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)
         return h, (C, n, m)
     qs, kc, vc, ic, _, b = _chunked_inputs(q, k, v, i, f, min(chunk_size, S), scale)
-    h, C_all, n_all, m_all, *_ = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
+    with torch.autocast(q.device.type, enabled=False):
+        h, C_all, n_all, m_all, *_ = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
     h = h.reshape(B, NH, -1, h.shape[-1])[:, :, :S].to(q.dtype)
     return h, (C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1])
