@@ -6,7 +6,7 @@ through torch.compile; compiled during the warm-up) and transformers; then xlstm
 (batch 1) to show that tokens/s stay flat, with the peak memory of the 4096-token run. Writes
 benchmarks/generation.json and .png.
 
-    python scripts/benchmark_generation.py [--repeats 3]
+    python scripts/benchmark_generation.py [--repeats 5]
 """
 
 import argparse
@@ -24,22 +24,36 @@ import xlstm_hf
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tokens_per_s(model, batch: int, new_tokens: int, repeats: int) -> float:
+def generate_fn(model, batch: int, new_tokens: int):
     prompt = torch.randint(0, 1024, (batch, 64))
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    model.generate(prompt, **kwargs)  # warm-up (and, with compile_decode, compilation for this batch size)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+
+    def run() -> None:
         out = model.generate(prompt, **kwargs)
-        times.append(time.perf_counter() - start)
         assert out.shape[1] == 64 + new_tokens
-    return batch * new_tokens / statistics.median(times)
+
+    return run
+
+
+def tokens_per_s(models: dict, batch: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Generated tokens/s of each model (median of `repeats`), the models taking turns within every repeat so that a
+    noisy neighbour on the machine slows them alike. The first call of each is a warm-up (and, with
+    compile_decode, compiles the step for this batch size)."""
+    fns = {name: generate_fn(m, batch, new_tokens) for name, m in models.items()}
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: batch * new_tokens / statistics.median(ts) for name, ts in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "generation.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -55,12 +69,12 @@ def main() -> None:
 
     results: dict = {"setup": {"date": time.strftime("%Y-%m-%d"), "threads": torch.get_num_threads()}}
     for batch in (1, 8):
-        models = (("xlstm_hf", ours), ("xlstm_hf+compile", compiled), ("transformers", theirs))
-        r = {name: tokens_per_s(m, batch, 256, args.repeats) for name, m in models}
+        models = {"xlstm_hf": ours, "xlstm_hf+compile": compiled, "transformers": theirs}
+        r = tokens_per_s(models, batch, 256, args.repeats)
         r["speedup"] = r["xlstm_hf"] / r["transformers"]
         r["speedup_compiled"] = r["xlstm_hf+compile"] / r["transformers"]
         results[f"batch{batch}_256"] = r
-    flat = {n: tokens_per_s(compiled, 1, n, 1) for n in (256, 4096)}
+    flat = {n: tokens_per_s({"c": compiled}, 1, n, 1)["c"] for n in (256, 4096)}
     results["xlstm_hf_flatness"] = {**{str(k): v for k, v in flat.items()}, "ratio_4096_to_256": flat[4096] / flat[256]}
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.parent.mkdir(parents=True, exist_ok=True)
