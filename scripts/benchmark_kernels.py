@@ -8,8 +8,11 @@ On CUDA, bfloat16, medians of CUDA-event timings:
   - mLSTM decode step at batch 1 and 256 (7B head shapes) against mlstm_kernels' Triton step kernel;
   - sLSTM forward+backward at hidden 1024 / 8 heads (DH 128) / batch 8 / S 2048 against the ``xlstm`` package's
     CUDA kernel.
-Without CUDA it times the PyTorch reference paths (mlstm_naive, slstm_naive) at small sizes in float32 and reports
-the GPU peers and the Triton kernels as skipped (the Triton interpreter is a correctness tool, not a timing one).
+Without CUDA it times, in float32 at the CPU benchmark model's head shapes (NH 4, DK 32, DV 64, 2048 tokens), the
+PyTorch chunkwise mLSTM with its hand-written backward (mlstm_chunk_torch), autograd through the reference
+(mlstm_naive) and mlstm_kernels' ``chunkwise--native_autograd`` (what transformers' built-in xLSTM trains with on CPU),
+plus the reference step and sLSTM at small sizes; the GPU peers and the Triton kernels are reported as skipped (the
+Triton interpreter is a correctness tool, not a timing one).
 Every peer is imported behind a guard; a missing or failing one is listed under "skipped" with the reason.
 
     python scripts/benchmark_kernels.py [--out benchmarks/kernels.json] [--repeats 20]
@@ -90,7 +93,17 @@ def mlstm_impls(cuda: bool, skipped: list[str]) -> dict[str, Callable[..., torch
     """name -> fn(q, k, v, i, f) returning h [B, NH, S, DV]."""
     impls: dict[str, Callable[..., torch.Tensor]] = {}
     if not cuda:
+        from xlstm_hf.mlstm_chunk_torch import mlstm_chunkwise_torch
+
+        impls["xlstm_hf_torch_chunkwise"] = lambda q, k, v, i, f: mlstm_chunkwise_torch(q, k, v, i, f)[0]
         impls["torch_reference_chunkwise"] = lambda q, k, v, i, f: mlstm_chunkwise(q, k, v, i, f)[0]
+        try:  # the kernel transformers' built-in xLSTM trains with on CPU
+            from mlstm_kernels.torch import get_mlstm_kernel
+
+            native = get_mlstm_kernel("chunkwise--native_autograd")
+            impls["mlstm_kernels_native_autograd"] = lambda q, k, v, i, f: native(q, k, v, i, f, chunk_size=64)
+        except Exception as e:  # noqa: BLE001 (any failure of an optional peer is reported, not fatal)
+            skipped.append(f"mlstm_kernels native: {type(e).__name__}: {e}")
         skipped += ["xlstm_hf triton (no CUDA)", "mlstm_kernels TFLA (no CUDA)", "torch SDPA flash (no CUDA)"]
         return impls
     from xlstm_hf.mlstm_chunk import mlstm_chunkwise_triton
@@ -118,9 +131,9 @@ def mlstm_impls(cuda: bool, skipped: list[str]) -> dict[str, Callable[..., torch
 def bench_mlstm(cuda, repeats, results, skipped):
     impls = mlstm_impls(cuda, skipped)
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    shapes = MLSTM_SHAPES if cuda else {"cpu_small": dict(NH=2, DK=64, DV=128)}
-    seq_lens = SEQ_LENS if cuda else [256, 512, 1024]
-    tokens = TOKENS_PER_BATCH if cuda else 1024
+    shapes = MLSTM_SHAPES if cuda else {"cpu_bench_model": dict(NH=4, DK=32, DV=64)}
+    seq_lens = SEQ_LENS if cuda else [512, 1024, 2048]
+    tokens = TOKENS_PER_BATCH if cuda else 2048
     for suite, shape in shapes.items():
         for S in seq_lens:
             B = max(1, tokens // S)
