@@ -98,14 +98,13 @@ def mlstm_recurrent_step(
     """
     dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, i, f = (t.float() for t in (q, k, v, i, f))
-    C, n, m = (t.float() for t in state)
+    q, k, v, i, f, C, n, m = (t if t.dtype == torch.float32 else t.float() for t in (q, k, v, i, f, *state))
     logf_m = log_sigmoid(f) + m  # [B, NH]
     m_new = torch.maximum(logf_m, i)
-    decay = torch.exp(logf_m - m_new)
-    gain = torch.exp(i - m_new)
-    C = decay[..., None, None] * C + gain[..., None, None] * (k[..., :, None] * v[..., None, :])
-    n = decay[..., None] * n + gain[..., None] * k
+    decay = torch.exp(logf_m - m_new)[..., None]  # [B, NH, 1]
+    k_in = torch.exp(i - m_new)[..., None] * k  # [B, NH, DK] the key with its input gate
+    C = torch.addcmul(C * decay[..., None], k_in[..., :, None], v[..., None, :])  # [B, NH, DK, DV]
+    n = torch.addcmul(k_in, n, decay)
     qs = q * scale
     num = (qs[..., None, :] @ C).squeeze(-2)  # [B, NH, DV]
     den = (qs * n).sum(-1)  # [B, NH]
