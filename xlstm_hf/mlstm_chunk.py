@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .mlstm_chunk_torch import _gate_grads, _normaliser_grads
-from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state
+from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, check_inputs
 
 try:
     import triton
@@ -622,19 +622,13 @@ def mlstm_chunkwise_triton(
     per-chunk states (NC * DK * DV floats per head) after the forward and recomputes them in the backward.
     """
     _require_triton()
+    check_inputs(q, k, v, i, f)
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or i.shape != (B, NH, S) or f.shape != (B, NH, S):
-        raise ValueError(
-            f"mLSTM inputs: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, "
-            f"f {tuple(f.shape)}; expected q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S]"
-        )
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     if max(DK, DV) > 512:
         raise ValueError(f"the Triton mLSTM kernel serves head dims up to 512, got DK={DK}, DV={DV}")
-    if S == 0:
-        raise ValueError("the Triton mLSTM kernel needs S >= 1")
     scale = DK**-0.5 if scale is None else scale
     C0, n0, m0 = (t.contiguous() for t in _initial_state(initial_state, q, v, empty_m))
     BL = min(chunk_size, max(16, triton.next_power_of_2(S)))

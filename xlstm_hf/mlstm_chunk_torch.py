@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, log_sigmoid
+from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, check_inputs, log_sigmoid
 
 
 def _normaliser_grads(
@@ -291,14 +291,8 @@ def mlstm_chunkwise_torch(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM: h [B, NH, S, DV] in q's dtype and the final float32 state; differentiable in q, k, v, i, f
     and the initial C, n, m. Arguments as ``mlstm_naive.mlstm_chunkwise``."""
+    check_inputs(q, k, v, i, f)
     B, NH, S, DK = q.shape
-    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or i.shape != (B, NH, S) or f.shape != (B, NH, S):
-        raise ValueError(
-            f"mLSTM inputs: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, "
-            f"f {tuple(f.shape)}; expected q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S]"
-        )
-    if S == 0:
-        raise ValueError("mLSTM needs a sequence of at least one position, got S = 0")
     scale = DK**-0.5 if scale is None else scale
     C0, n0, m0 = _initial_state(initial_state, q, v, empty_m)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, C0, n0, m0)):

@@ -50,6 +50,18 @@ def empty_state(
     return C, n, m
 
 
+def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor) -> None:
+    """Raises ValueError unless q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S] with S >= 1."""
+    B, NH, S, _ = q.shape
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3] or i.shape != (B, NH, S) or f.shape != (B, NH, S):
+        raise ValueError(
+            f"mLSTM inputs: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, i {tuple(i.shape)}, "
+            f"f {tuple(f.shape)}; expected q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S]"
+        )
+    if S == 0:
+        raise ValueError("mLSTM needs a sequence of at least one position, got S = 0")
+
+
 def _initial_state(initial_state: MLSTMState | None, q: torch.Tensor, v: torch.Tensor, empty_m: float) -> MLSTMState:
     B, NH, _, DK = q.shape
     DV = v.shape[-1]
