@@ -54,8 +54,8 @@ def _soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
 
 
 class SoftCapFunction(torch.autograd.Function):
-    """y = cap * tanh(x / cap) with dy/dx = 1 - (y / cap)^2 from the saved output: one saved tensor and two passes
-    backward, where autograd keeps x / cap and tanh and makes three."""
+    """y = cap * tanh(x / cap) with dy/dx = 1 - (y / cap)^2 from the saved output: one saved tensor and one new
+    tensor backward, where autograd keeps x / cap and tanh and makes three."""
 
     @staticmethod
     def forward(ctx, x, cap):
@@ -81,8 +81,8 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm over the last dim with float32 statistics: the backward in five passes over x from the saved 1 / rms,
-    where autograd through the written-out forward takes ~12 (0.25 against 0.9 ms on [2, 1024, 256], 2 threads)."""
+    """RMSNorm over the last dim with float32 statistics, the backward written out from the saved 1 / rms: forward
+    and backward take 1.0 ms against 1.5 ms through autograd on [2, 1024, 256] (2 threads)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -1026,7 +1026,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         """The inputs of one generate() step: the new tokens (or the prompt's embeddings at the first step), the
         cache, and the attention mask of the new tokens only (the state carries the rest; an all-ones mask is
         dropped), no position ids. Written out rather than built on GenerationMixin's, which inspects the forward
-        signature of remote-code models at every step (0.15 ms per token on CPU)."""
+        signature of remote-code models at every step (about 0.1 ms per token on CPU)."""
         if inputs_embeds is not None and is_first_iteration:
             embeds = inputs_embeds if next_sequence_length is None else inputs_embeds[:, -next_sequence_length:]
             inputs: dict[str, Any] = {"input_ids": None, "inputs_embeds": embeds.contiguous()}
