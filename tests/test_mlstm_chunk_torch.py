@@ -89,6 +89,8 @@ def test_bad_shapes_raise():
         mlstm_chunkwise_torch(q, k[:, :, :4], v, i, f)
     with pytest.raises(ValueError, match="S = 0"):
         mlstm_chunkwise_torch(*(t[:, :, :0] for t in leaves))
+    with pytest.raises(ValueError, match="chunk_size"):
+        mlstm_chunkwise_torch(*leaves, chunk_size=0)
 
 
 def test_strided_inputs_and_gradients():

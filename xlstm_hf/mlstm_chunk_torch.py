@@ -293,6 +293,8 @@ def mlstm_chunkwise_torch(
     """Chunkwise mLSTM: h [B, NH, S, DV] in q's dtype and the final float32 state; differentiable in q, k, v, i, f
     and the initial C, n, m. Arguments as ``mlstm_naive.mlstm_chunkwise``."""
     check_inputs(q, k, v, i, f)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     B, NH, S, DK = q.shape
     scale = DK**-0.5 if scale is None else scale
     C0, n0, m0 = _initial_state(initial_state, q, v, empty_m)
