@@ -201,3 +201,15 @@ def test_compiled_decode_step_gives_the_same_tokens():
     )
     assert torch.equal(eager.sequences, compiled.sequences)
     torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), **LOGIT_TOL)
+
+
+@pytest.mark.parametrize("family", ["mixed", "7b"])
+def test_generate_from_inputs_embeds(family):
+    """The prompt as embeddings (first step) and then token ids: the same new tokens as from the ids."""
+    model = make(family)
+    prompt = torch.randint(1, 96, (2, 9))
+    from_ids = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(prompt)
+    from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False)
+    assert torch.equal(from_embeds, from_ids[:, 9:])
