@@ -213,3 +213,22 @@ def test_generate_from_inputs_embeds(family):
         embeds = model.get_input_embeddings()(prompt)
     from_embeds = model.generate(inputs_embeds=embeds, max_new_tokens=6, do_sample=False)
     assert torch.equal(from_embeds, from_ids[:, 9:])
+
+
+def test_plain_decode_step_equals_general_forward():
+    """A one-token step with a cache takes the lean `_decode_step` path; with output_hidden_states it takes the
+    general forward. Both give the same logits and state, and use_cache=False returns no cache."""
+    model = make("mixed")
+    prompt = torch.randint(1, 96, (2, 7))
+    token = torch.randint(1, 96, (2, 1))
+    with torch.no_grad():
+        lean_cache = model(prompt, use_cache=True).cache
+        general_cache = model(prompt, use_cache=True).cache
+        lean = model(token, cache=lean_cache, use_cache=False)
+        general = model(token, cache=general_cache, use_cache=True, output_hidden_states=True)
+    assert lean.cache is None and general.cache is general_cache
+    torch.testing.assert_close(lean.logits, general.logits, atol=1e-6, rtol=1e-6)
+    for a, b in zip(lean_cache.states, general_cache.states, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+    assert lean_cache.get_seq_length() == general_cache.get_seq_length() == 8
