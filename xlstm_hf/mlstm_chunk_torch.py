@@ -182,19 +182,41 @@ def _chunked_inputs(
     )
 
 
+def _forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    C0: torch.Tensor,
+    n0: torch.Tensor,
+    m0: torch.Tensor,
+    chunk_size: int,
+    eps: float,
+    scale: float,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor, MLSTMState]:
+    """The chunked inputs (``_chunked_inputs``), what ``_chunk_fwd`` returns, h [B, NH, S, DV] in q's dtype and the
+    final state."""
+    S = q.shape[2]
+    chunked = _chunked_inputs(q, k, v, i, f, min(chunk_size, S), scale)
+    qs, kc, vc, ic, _, b = chunked
+    with torch.autocast(q.device.type, enabled=False):  # float32 throughout, under autocast too
+        out = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
+    h, C_all, n_all, m_all = out[:4]
+    h_out = h.reshape(*q.shape[:2], -1, h.shape[-1])[:, :, :S].to(q.dtype)
+    return chunked, out, h_out, (C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1])
+
+
 class ChunkMLSTMTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale):
-        B, NH, S, _ = q.shape
-        qs, kc, vc, ic, logf, b = _chunked_inputs(q, k, v, i, f, min(chunk_size, S), scale)
-        with torch.autocast(q.device.type, enabled=False):  # float32 throughout, under autocast too
-            h, C_all, n_all, m_all, m_row, den, D = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
-        ctx.save_for_backward(qs, kc, vc, ic, logf, b, f, C_all, n_all, m_all, m_row, den, D, h, m0, C0, n0)
-        ctx.cfg = (S, eps, scale, q.dtype, k.dtype, v.dtype, i.dtype, f.dtype)
+        (qs, kc, vc, ic, logf, b), fwd, h, (C, n, m) = _forward(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)
+        h_chunks, C_all, n_all, m_all, m_row, den, D = fwd
+        ctx.save_for_backward(qs, kc, vc, ic, logf, b, f, C_all, n_all, m_all, m_row, den, D, h_chunks, m0, C0, n0)
+        ctx.cfg = (q.shape[2], eps, scale, q.dtype, k.dtype, v.dtype, i.dtype, f.dtype)
         ctx.set_materialize_grads(False)
         ctx.device_type = q.device.type
-        h = h.reshape(B, NH, -1, h.shape[-1])[:, :, :S].to(q.dtype)
-        return h, C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1]
+        return h, C, n, m
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -261,16 +283,19 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
 
         # 4. the gates, on the unpadded sequence; the returned state is C_true * exp(-m), which puts exp(F_S) and
         # m_S into it.
-        def unchunk(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(B, NH, NC * L, *t.shape[2 if t.dim() == 3 else 4 :])[:, :, :S]
+        def unchunk(t: torch.Tensor, *features: int) -> torch.Tensor:
+            """[B, NH, NC, L, *features] or [B * NH * NC, L, *features] -> [B, NH, S, *features]"""
+            return t.reshape(B, NH, NC * L, *features)[:, :, :S]
 
         state_dot = torch.zeros(B, NH, **f32)  # [B, NH]
         if dC is not None:
             state_dot = (dC.float() * C_all[:, :, -1]).sum((-2, -1)) + (dn.float() * n_all[:, :, -1]).sum(-1)
         dm_row = unchunk(dm_row).clone()
         dm_row[..., -1] += (0.0 if dm is None else dm.float()) - state_dot
-        dqs, dk, dv = unchunk(dqs), unchunk(dk), unchunk(dv)
-        di, df, dm0 = _gate_grads(unchunk(qs), unchunk(k), unchunk(i), f, unchunk(logf), m0, dqs, dk, dm_row, state_dot)
+        dqs, dk, dv = unchunk(dqs, DK), unchunk(dk, DK), unchunk(dv, DV)
+        di, df, dm0 = _gate_grads(
+            unchunk(qs, DK), unchunk(k, DK), unchunk(i), f, unchunk(logf), m0, dqs, dk, dm_row, state_dot
+        )
         dq = dqs.mul_(scale)
         dC0, dn0 = dS_C[:, :, 0], dS_n[:, :, 0]
         dm0 = dm0 + torch.where(torch.isinf(m0), torch.zeros_like(m0), (dC0 * C0).sum((-2, -1)) + (dn0 * n0).sum(-1))
@@ -295,14 +320,11 @@ def mlstm_chunkwise_torch(
     check_inputs(q, k, v, i, f)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    B, NH, S, DK = q.shape
+    DK = q.shape[-1]
     scale = DK**-0.5 if scale is None else scale
     C0, n0, m0 = _initial_state(initial_state, q, v, empty_m)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, C0, n0, m0)):
         h, C, n, m = ChunkMLSTMTorchFunction.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)
         return h, (C, n, m)
-    qs, kc, vc, ic, _, b = _chunked_inputs(q, k, v, i, f, min(chunk_size, S), scale)
-    with torch.autocast(q.device.type, enabled=False):
-        h, C_all, n_all, m_all, *_ = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
-    h = h.reshape(B, NH, -1, h.shape[-1])[:, :, :S].to(q.dtype)
-    return h, (C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1])
+    _, _, h, state = _forward(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)
+    return h, state
