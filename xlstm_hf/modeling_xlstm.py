@@ -80,18 +80,27 @@ def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
     return _soft_cap(x, cap).to(x.dtype)
 
 
+def _rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim with float32 statistics: y in x's dtype and 1 / rms [..., 1] in float32. Written out:
+    F.rms_norm costs ~30 us on a single decode token on CPU, twice these ops."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    y = (xf * rstd).to(x.dtype) * weight
+    return (y + bias if bias is not None else y), rstd
+
+
 class RMSNormFunction(torch.autograd.Function):
     """RMSNorm over the last dim with float32 statistics, the backward written out from the saved 1 / rms: forward
     and backward take 1.0 ms against 1.5 ms through autograd on [2, 1024, 256] (2 threads)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        xf = x.float()
-        rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()  # [..., 1]
-        y = (xf * rstd).to(x.dtype) * weight
+        y, rstd = _rms_norm(x, weight, bias, eps)
         ctx.save_for_backward(x, rstd, weight)
         ctx.has_bias = bias is not None
-        return y + bias if bias is not None else y
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -129,10 +138,7 @@ class RMSNorm(LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return RMSNormFunction.apply(x, self.weight, self.bias, self.eps)
-        # Written out: F.rms_norm costs ~30 us on a single decode token on CPU, twice these five ops.
-        xf = x if x.dtype == torch.float32 else x.float()
-        y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(self.eps))).to(x.dtype) * self.weight
-        return y + self.bias if self.bias is not None else y
+        return _rms_norm(x, self.weight, self.bias, self.eps)[0]
 
 
 class MultiHeadLayerNorm(LayerNorm):
