@@ -31,17 +31,17 @@ def builtin_model(mode: str):
     return xLSTMForCausalLM(config)
 
 
-def timed_pair(fn_a, fn_b, repeats: int) -> tuple[float, float]:
-    """Median times of two functions measured alternately, so that a noisy neighbour on the machine slows both."""
-    fn_a()  # warm-up
-    fn_b()
-    times_a, times_b = [], []
+def timed_turns(*fns, repeats: int) -> list[float]:
+    """Median times of the functions measured in turns, so that a noisy neighbour on the machine slows them all."""
+    for fn in fns:  # warm-up
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+        for fn, ts in zip(fns, times, strict=True):
             start = time.perf_counter()
             fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times_a), statistics.median(times_b)
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
 
 
 def forward_fn(model, ids):
@@ -100,9 +100,13 @@ def main() -> None:
         diff = (ours.eval()(fwd_ids[:, :256]).logits - theirs_infer.eval()(fwd_ids[:, :256]).logits).abs().max()
     assert diff < 1e-4, f"the two models disagree (max abs logit diff {diff:.2e}): not the same weights"
 
-    fwd = timed_pair(forward_fn(ours, fwd_ids), forward_fn(theirs_infer, fwd_ids), args.repeats)
-    train = timed_pair(train_step_fn(ours, train_ids), train_step_fn(theirs_train, train_ids), args.repeats)
-    floor, _ = timed_pair(matmul_floor_fn(ours, train_ids.numel()), lambda: None, args.repeats)
+    fwd = timed_turns(forward_fn(ours, fwd_ids), forward_fn(theirs_infer, fwd_ids), repeats=args.repeats)
+    *train, floor = timed_turns(
+        train_step_fn(ours, train_ids),
+        train_step_fn(theirs_train, train_ids),
+        matmul_floor_fn(ours, train_ids.numel()),
+        repeats=args.repeats,
+    )
     results = {
         name: {"forward_tokens_per_s": fwd_ids.numel() / fwd[j], "train_step_s": train[j]}
         for j, name in enumerate(("xlstm_hf", "transformers"))
