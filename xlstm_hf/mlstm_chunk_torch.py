@@ -110,7 +110,8 @@ def _chunk_fwd(
 ) -> tuple[torch.Tensor, ...]:
     """qs (q * scale), k [B, NH, NC, L, DK], v [B, NH, NC, L, DV], i and b (within-chunk cumulative log forget gate)
     [B, NH, NC, L], float32. Returns h [B, NH, NC, L, DV] float32, the states entering every chunk and the final one
-    C_all [B, NH, NC + 1, DK, DV], n_all [B, NH, NC + 1, DK], m_all [B, NH, NC + 1], and per position m_row, den
+    C_in [B, NH, NC, DK, DV], the final C [B, NH, DK, DV], n_all [B, NH, NC + 1, DK], m_all [B, NH, NC + 1] (entering
+    and final), and per position m_row, den
     [B, NH, NC, L] and the stabilised decay matrix D [B, NH, NC, L, L]."""
     B, NH, NC, L, DK = qs.shape
     DV = v.shape[-1]
@@ -129,13 +130,13 @@ def _chunk_fwd(
     m_ref = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)  # an empty memory stays 0, not nan
     w = (log_w - m_ref[..., None]).exp_()  # [B, NH, NC + 1, NC]
     w0 = (log_w0 - m_ref).exp_()  # [B, NH, NC + 1]
-    C_all = torch.baddbmm(
-        w0.view(B * NH, NC + 1, 1) * C0.reshape(B * NH, 1, DK * DV),
-        w.view(B * NH, NC + 1, NC),
-        kv.view(B * NH, NC, DK * DV),
-    ).view(B, NH, NC + 1, DK, DV)
-    n_all = w @ k_sum + w0[..., None] * n0[:, :, None]  # [B, NH, NC + 1, DK]
-    C_in, n_in, m_in = C_all[:, :, :-1].contiguous(), n_all[:, :, :-1], m_all[..., :-1]
+    # the entering states C_in and the final one C computed apart, so that C_in is contiguous for the matmuls below
+    w, w0, kv = w.view(B * NH, NC + 1, NC), w0.view(B * NH, NC + 1, 1), kv.view(B * NH, NC, DK * DV)
+    C0f = C0.reshape(B * NH, 1, DK * DV)
+    C_in = torch.baddbmm(w0[:, :NC] * C0f, w[:, :NC], kv).view(B, NH, NC, DK, DV)
+    C = torch.baddbmm(w0[:, NC:] * C0f, w[:, NC:], kv).view(B, NH, DK, DV)
+    n_all = w.view(B, NH, NC + 1, NC) @ k_sum + w0.view(B, NH, NC + 1, 1) * n0[:, :, None]  # [B, NH, NC + 1, DK]
+    n_in, m_in = n_all[:, :, :-1], m_all[..., :-1]
 
     # 2. within every chunk: log D[t, j] = b[t] - b[j] + i[j] (j <= t), whose row max is b[t] + cummax(i - b)[t].
     w_col = i - b  # [B, NH, NC, L]
@@ -146,13 +147,12 @@ def _chunk_fwd(
     s = (qs @ k.transpose(-1, -2)).mul_(D)  # [B, NH, NC, L, L]
     e = (m_inter - m_row).exp_()  # [B, NH, NC, L] weight of the entering state
     q_inter = qs * e[..., None]  # [B, NH, NC, L, DK]
-    num = torch.baddbmm((q_inter.view(-1, L, DK) @ C_in.view(-1, DK, DV)), s.view(-1, L, L), v.view(-1, L, DV)).view(
-        B, NH, NC, L, DV
-    )
+    num = (q_inter.view(-1, L, DK) @ C_in.view(-1, DK, DV)).baddbmm_(s.view(-1, L, L), v.view(-1, L, DV))
+    num = num.view(B, NH, NC, L, DV)
     den = s.sum(-1).add_((q_inter @ n_in[..., None]).squeeze(-1))  # [B, NH, NC, L]
     floor = (-m_row.clamp(min=_MIN_M_FOR_FLOOR)).exp_()
     h = num.div_((torch.maximum(den.abs(), floor) + eps)[..., None])
-    return h, C_all, n_all, m_all, m_row, den, D
+    return h, C_in, C, n_all, m_all, m_row, den, D
 
 
 def _chunked_inputs(
@@ -164,18 +164,23 @@ def _chunked_inputs(
     DV = v.shape[-1]
     NC = math.ceil(S / L)
     pad = NC * L - S
-    qf, kf, vf, i32 = (t.float() for t in (q, k, v, i))
+    # one copy each from the head views (strided) into contiguous float32 chunks, not a cast, a pad and a copy
+    qs, kc, vc = (torch.empty(B, NH, NC * L, d, device=q.device, dtype=torch.float32) for d in (DK, DK, DV))
+    qs[:, :, :S] = q
+    kc[:, :, :S] = k
+    vc[:, :, :S] = v
+    i32 = i.float()
     logf = log_sigmoid(f.float())
     if pad:
-        qf, kf, vf = (F.pad(t, (0, 0, 0, pad)) for t in (qf, kf, vf))
+        for t in (qs, kc, vc):
+            t[:, :, S:] = 0.0
         i32 = F.pad(i32, (0, pad), value=MASKED_IGATE)
         logf = F.pad(logf, (0, pad))
     logf = logf.reshape(B, NH, NC, L)
-    # contiguous once here rather than copied by every matmul that reads them (q, k, v arrive as head views)
     return (
-        (qf * scale).reshape(B, NH, NC, L, DK).contiguous(),
-        kf.reshape(B, NH, NC, L, DK).contiguous(),
-        vf.reshape(B, NH, NC, L, DV).contiguous(),
+        qs.mul_(scale).view(B, NH, NC, L, DK),
+        kc.view(B, NH, NC, L, DK),
+        vc.view(B, NH, NC, L, DV),
         i32.reshape(B, NH, NC, L),
         logf,
         logf.cumsum(-1),
@@ -202,17 +207,17 @@ def _forward(
     qs, kc, vc, ic, _, b = chunked
     with torch.autocast(q.device.type, enabled=False):  # float32 throughout, under autocast too
         out = _chunk_fwd(qs, kc, vc, ic, b, C0, n0, m0, eps)
-    h, C_all, n_all, m_all = out[:4]
+    h, _, C, n_all, m_all = out[:5]
     h_out = h.reshape(*q.shape[:2], -1, h.shape[-1])[:, :, :S].to(q.dtype)
-    return chunked, out, h_out, (C_all[:, :, -1], n_all[:, :, -1], m_all[..., -1])
+    return chunked, out, h_out, (C, n_all[:, :, -1], m_all[..., -1])
 
 
 class ChunkMLSTMTorchFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale):
         (qs, kc, vc, ic, logf, b), fwd, h, (C, n, m) = _forward(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)
-        h_chunks, C_all, n_all, m_all, m_row, den, D = fwd
-        ctx.save_for_backward(qs, kc, vc, ic, logf, b, f, C_all, n_all, m_all, m_row, den, D, h_chunks, m0, C0, n0)
+        h_chunks, C_in, _, n_all, m_all, m_row, den, D = fwd
+        ctx.save_for_backward(qs, kc, vc, ic, logf, b, f, C_in, C, n_all, m_all, m_row, den, D, h_chunks, m0, C0, n0)
         ctx.cfg = (q.shape[2], eps, scale, q.dtype, k.dtype, v.dtype, i.dtype, f.dtype)
         ctx.set_materialize_grads(False)
         ctx.device_type = q.device.type
@@ -226,7 +231,7 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dh, dC, dn, dm):
-        qs, k, v, i, logf, b, f, C_all, n_all, m_all, m_row, den, D, h, m0, C0, n0 = ctx.saved_tensors
+        qs, k, v, i, logf, b, f, C_in, C_last, n_all, m_all, m_row, den, D, h, m0, C0, n0 = ctx.saved_tensors
         S, eps, scale, *dtypes = ctx.cfg
         B, NH, NC, L, DK = qs.shape
         DV = v.shape[-1]
@@ -265,21 +270,17 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
 
         # 3. within every chunk, with w[j] = exp(g - b[j] + i[j] - m[c + 1]) position j's weight in the leaving state
         w = (g[..., None] - b + i - m_all[..., 1:, None]).exp_()[..., None]  # [B, NH, NC, L, 1]
-        C_in = C_all[:, :, :-1].reshape(-1, DK, DV)
+        C_in = C_in.view(-1, DK, DV)
         q3, k3, v3, D3 = qs.reshape(-1, L, DK), k.reshape(-1, L, DK), v.reshape(-1, L, DV), D.reshape(-1, L, L)
         dnum3 = dnum.reshape(-1, L, DV)
         ds = torch.baddbmm(dden.reshape(-1, L, 1), dnum3, v3.transpose(1, 2)).mul_(D3)  # [B * NH * NC, L, L]
-        dqs = torch.baddbmm(
-            ((e * dden)[..., None] * n_all[:, :, :-1, None, :]).reshape(-1, L, DK),
-            (dnum * e[..., None]).reshape(-1, L, DV),
-            C_in.transpose(1, 2),
-        )
-        dqs = torch.baddbmm(dqs, ds, k3)
-        dk = (w * dn_next[..., None, :]).reshape(-1, L, DK)
-        dk = torch.baddbmm(dk, (v * w).reshape(-1, L, DV), dC_next.transpose(1, 2))
-        dk = torch.baddbmm(dk, ds.transpose(1, 2), q3)
+        # in-place baddbmm_ on fresh tensors: torch.baddbmm would first copy its input into a new one
+        dqs = ((e * dden)[..., None] * n_all[:, :, :-1, None, :]).view(-1, L, DK)
+        dqs.baddbmm_((dnum * e[..., None]).view(-1, L, DV), C_in.transpose(1, 2)).baddbmm_(ds, k3)
+        dk = (w * dn_next[..., None, :]).view(-1, L, DK)
+        dk.baddbmm_((v * w).view(-1, L, DV), dC_next.transpose(1, 2)).baddbmm_(ds.transpose(1, 2), q3)
         s = torch.bmm(q3, k3.transpose(1, 2)).mul_(D3)
-        dv = torch.baddbmm((k * w).reshape(-1, L, DK) @ dC_next, s.transpose(1, 2), dnum3)
+        dv = ((k * w).view(-1, L, DK) @ dC_next).baddbmm_(s.transpose(1, 2), dnum3)
 
         # 4. the gates, on the unpadded sequence; the returned state is C_true * exp(-m), which puts exp(F_S) and
         # m_S into it.
@@ -289,7 +290,7 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
 
         state_dot = torch.zeros(B, NH, **f32)  # [B, NH]
         if dC is not None:
-            state_dot = (dC.float() * C_all[:, :, -1]).sum((-2, -1)) + (dn.float() * n_all[:, :, -1]).sum(-1)
+            state_dot = (dC.float() * C_last).sum((-2, -1)) + (dn.float() * n_all[:, :, -1]).sum(-1)
         dm_row = unchunk(dm_row).clone()
         dm_row[..., -1] += (0.0 if dm is None else dm.float()) - state_dot
         dqs, dk, dv = unchunk(dqs, DK), unchunk(dk, DK), unchunk(dv, DV)
