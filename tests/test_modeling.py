@@ -134,6 +134,28 @@ def test_output_hidden_states(family):
     assert out.hidden_states[-1].shape == final.shape
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_no_grad_forward_writes_only_its_own_tensors(family, autocast):
+    """Without autograd, the blocks write elementwise results into the activations they just made (`_fresh_mul`,
+    `_fresh_add`, in-place activation and logit cap). The caller's inputs_embeds and every returned hidden state must
+    stay as they were, and every output must equal, bit for bit and in dtype, the autograd forward, which writes
+    nothing in place; under bf16 autocast the float32 residual stream must not be narrowed by an in-place add."""
+    model = make(family, use_bias=True)
+    embeds = torch.randn(2, 11, model.config.hidden_size)
+    kept = embeds.clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.no_grad():
+            out = model(inputs_embeds=embeds, output_hidden_states=True)
+        ref = model(inputs_embeds=embeds.clone().requires_grad_(), output_hidden_states=True)
+    assert torch.equal(embeds, kept)
+    assert out.hidden_states[0] is embeds
+    for got, want in zip((out.logits, *out.hidden_states), (ref.logits, *ref.hidden_states), strict=True):
+        assert got.dtype == want.dtype
+        assert torch.equal(got, want.detach())
+    if autocast:
+        assert out.hidden_states[-2].dtype == torch.float32
+
+
 def test_tied_embeddings_and_resize(tmp_path):
     model = xlstm_hf.xLSTMForCausalLM(tiny_config(tie_word_embeddings=True))
     assert model.lm_head.weight is model.backbone.embeddings.weight
