@@ -22,6 +22,16 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_xlstm import xLSTMConfig
+from .fused_ops import (
+    FFN_ACTIVATIONS,
+    FFN_ACTIVATIONS_INPLACE,
+    GatedFFNFunction,
+    RMSNormFunction,
+    fresh_add,
+    fresh_mul,
+    rms_norm,
+    soft_cap,
+)
 from .mlstm_chunk import HAS_TRITON, mlstm_chunkwise_triton
 from .mlstm_chunk_torch import mlstm_chunkwise_torch
 from .mlstm_naive import (
@@ -47,97 +57,6 @@ def _dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return dropout(x) if dropout.training and dropout.p > 0 else x
 
 
-def _writable(fresh: torch.Tensor, other: torch.Tensor) -> bool:
-    """Whether an elementwise op of `fresh` (an activation just made here, held by nobody else) with `other` (which
-    broadcasts to its shape) may be written into `fresh`: autograd is off and the result keeps fresh's dtype. On a CPU a
-    new activation costs the first touch of its pages: writing into the fresh one takes the forward at T = 2048 of the
-    benchmark model from 259 to 242 ms for the feed-forward's product alone."""
-    return not torch.is_grad_enabled() and torch.promote_types(fresh.dtype, other.dtype) == fresh.dtype
-
-
-def _fresh_mul(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """fresh * other, in place when `_writable`."""
-    return fresh.mul_(other) if _writable(fresh, other) else fresh * other
-
-
-def _fresh_add(fresh: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-    """fresh + other, in place when `_writable`."""
-    return fresh.add_(other) if _writable(fresh, other) else fresh + other
-
-
-def _soft_cap(x: torch.Tensor, cap: float, fresh: bool = False) -> torch.Tensor:
-    """cap * tanh(x / cap) in float32 as cap * (2 sigmoid(2 x / cap) - 1): torch.tanh costs 2.6 ms on 2M floats with
-    2 CPU threads against 0.4 ms for torch.sigmoid; the absolute error stays below 4 * cap * 2^-24. With `fresh`, a
-    float32 x is overwritten."""
-    y = x.mul_(2.0 / cap) if fresh and x.dtype == torch.float32 else x.float() * (2.0 / cap)
-    return y.sigmoid_().mul_(2.0 * cap).sub_(cap)
-
-
-class SoftCapFunction(torch.autograd.Function):
-    """y = cap * tanh(x / cap) with dy/dx = 1 - (y / cap)^2 from the saved output: one saved tensor and one new
-    tensor backward, where autograd keeps x / cap and tanh and makes three."""
-
-    @staticmethod
-    def forward(ctx, x, cap):
-        y = _soft_cap(x, cap)
-        ctx.save_for_backward(y)
-        ctx.cap = cap
-        return y.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        (y,) = ctx.saved_tensors
-        return y.square().mul_(-1.0 / ctx.cap**2).add_(1.0).mul_(dy).to(dy.dtype), None
-
-
-def soft_cap(x: torch.Tensor, cap: float | None, fresh: bool = False) -> torch.Tensor:
-    """cap * tanh(x / cap), computed in float32 and cast back; identity when cap is None. `fresh`: x was just made
-    here and may be overwritten when autograd is off."""
-    if cap is None:
-        return x
-    if torch.is_grad_enabled() and x.requires_grad:
-        return SoftCapFunction.apply(x, cap)
-    return _soft_cap(x, cap, fresh and not torch.is_grad_enabled()).to(x.dtype)
-
-
-def _rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim with float32 statistics: y in x's dtype and 1 / rms [..., 1] in float32. Written out:
-    F.rms_norm costs ~30 us on a single decode token on CPU, twice these ops."""
-    xf = x if x.dtype == torch.float32 else x.float()
-    rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
-    y = _fresh_mul((xf * rstd).to(x.dtype), weight)
-    return (_fresh_add(y, bias) if bias is not None else y), rstd
-
-
-class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm over the last dim with float32 statistics, the backward written out from the saved 1 / rms: forward
-    and backward take 1.0 ms against 1.5 ms through autograd on [2, 1024, 256] (2 threads)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, rstd = _rms_norm(x, weight, bias, eps)
-        ctx.save_for_backward(x, rstd, weight)
-        ctx.has_bias = bias is not None
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, rstd, weight = ctx.saved_tensors
-        dyf = dy.float()
-        xhat = x.float() * rstd
-        rows = tuple(range(dy.dim() - 1))
-        dweight = (dyf * xhat).sum(rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dbias = dyf.sum(rows).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dxhat = dyf * weight.float()
-        proj = (dxhat * xhat).mean(-1, keepdim=True)
-        dx = torch.addcmul(dxhat, xhat, proj, value=-1.0).mul_(rstd).to(x.dtype)
-        return dx, dweight, dbias, None
-
-
 class LayerNorm(nn.Module):
     """LayerNorm over the last dim with float32 reductions; weight (ones) and optional bias."""
 
@@ -148,8 +67,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _fresh_mul(F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype), self.weight)
-        return _fresh_add(y, self.bias) if self.bias is not None else y
+        y = fresh_mul(F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype), self.weight)
+        return fresh_add(y, self.bias) if self.bias is not None else y
 
 
 class RMSNorm(LayerNorm):
@@ -158,7 +77,7 @@ class RMSNorm(LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return RMSNormFunction.apply(x, self.weight, self.bias, self.eps)
-        return _rms_norm(x, self.weight, self.bias, self.eps)[0]
+        return rms_norm(x, self.weight, self.bias, self.eps)[0]
 
 
 class MultiHeadLayerNorm(LayerNorm):
@@ -167,8 +86,8 @@ class MultiHeadLayerNorm(LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, NH, S, DH = x.shape
         y = F.layer_norm(x.float(), (DH,), eps=self.eps).to(x.dtype)  # [B, NH, S, DH]
-        y = _fresh_mul(y.transpose(1, 2).reshape(B, S, NH * DH), self.weight)
-        return _fresh_add(y, self.bias) if self.bias is not None else y
+        y = fresh_mul(y.transpose(1, 2).reshape(B, S, NH * DH), self.weight)
+        return fresh_add(y, self.bias) if self.bias is not None else y
 
 
 class CausalConv1d(nn.Module):
@@ -208,14 +127,25 @@ class HeadwiseLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+def _plain_linears(linears: tuple[nn.Module, ...] | list[nn.Module], x: torch.Tensor) -> bool:
+    """Whether these modules may be bypassed by using their weights directly: plain nn.Linear of x's dtype, without an
+    accelerate hook or forward hooks. PEFT adapters, offloaded weights and hooked modules are called as modules."""
+    return all(
+        type(m) is nn.Linear
+        and m.weight.dtype == x.dtype
+        and not hasattr(m, "_hf_hook")
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        for m in linears
+    )
+
+
 def fused_linears(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
     """The projections `owner.<name>(x)` of one input as a single matmul over concatenated weights: one pass over x
     instead of one per projection (the gate projections have only NH outputs each). Used only for many rows (training,
     prefill), where concatenating the weights costs little next to the activations; a single decode step calls the
-    modules. The modules are looked up on every call and must be plain nn.Linear without an accelerate hook, otherwise
-    (PEFT adapters, offloaded weights) they are called one by one so that they keep working."""
+    modules. The modules are looked up on every call (see `_plain_linears`)."""
     linears = [getattr(owner, name) for name in names]
-    if x.numel() // x.shape[-1] < 64 or not all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") for m in linears):
+    if x.numel() // x.shape[-1] < 64 or not _plain_linears(linears, x):
         return [m(x) for m in linears]
     weight = torch.cat([m.weight for m in linears])
     bias = None
@@ -358,7 +288,7 @@ class mLSTMLayer(nn.Module):
         q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
         h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config)
         h = self.multihead_norm(h)  # [B, S, inner]
-        h = _fresh_mul(_fresh_add(h, self.learnable_skip * x_c), F.silu(z))
+        h = fresh_mul(fresh_add(h, self.learnable_skip * x_c), F.silu(z))
         return _dropout(self.dropout, self.proj_down(h)), (*mlstm_state, conv_state)
 
 
@@ -393,7 +323,7 @@ class mLSTM7BLayer(nn.Module):
         f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
         i, f = _apply_mask_to_gates(i, f, mask)
         h, state = mlstm_sequence(q, k, v, i, f, state, self.config)  # [B, NH, S, DV]
-        h = _fresh_mul(self.multihead_norm(h), torch.sigmoid(o))
+        h = fresh_mul(self.multihead_norm(h), torch.sigmoid(o))
         return _dropout(self.dropout, self.out_proj(h)), state
 
 
@@ -437,11 +367,6 @@ class sLSTMLayer(nn.Module):
         return y, (*slstm_state, conv_state)
 
 
-_FFN_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
-# without autograd the activation overwrites the fresh up-projection (see `_writable`)
-_FFN_ACTIVATIONS_INPLACE = {"gelu": torch.ops.aten.gelu_, "silu": torch.ops.aten.silu_, "relu": torch.ops.aten.relu_}
-
-
 class GatedFeedForward(nn.Module):
     """act(proj_up_gate(x)) * proj_up(x) -> proj_down: GeLU-gated in the paper, SwiGLU in xLSTM-7B."""
 
@@ -458,8 +383,16 @@ class GatedFeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Two products rather than one over concatenated weights: the fused [B, S, 2 H] output is large enough that its
         # fresh pages cost more than the second pass over x (training step 304 against 311 ms, 5.5k fewer page faults)
-        act = (_FFN_ACTIVATIONS if torch.is_grad_enabled() else _FFN_ACTIVATIONS_INPLACE)[self.activation]
-        return _dropout(self.dropout, self.proj_down(_fresh_mul(act(self.proj_up_gate(x)), self.proj_up(x))))
+        linears = (self.proj_up_gate, self.proj_up, self.proj_down)
+        if not torch.is_grad_enabled():
+            act = FFN_ACTIVATIONS_INPLACE[self.activation]
+            y = self.proj_down(fresh_mul(act(self.proj_up_gate(x)), self.proj_up(x)))
+        elif _plain_linears(linears, x) and not torch.is_autocast_enabled(x.device.type):
+            weights = [t for m in linears for t in (m.weight, m.bias)]
+            y = GatedFFNFunction.apply(x.reshape(-1, x.shape[-1]), *weights, self.activation).view(*x.shape[:-1], -1)
+        else:
+            y = self.proj_down(FFN_ACTIVATIONS[self.activation][0](self.proj_up_gate(x)) * self.proj_up(x))
+        return _dropout(self.dropout, y)
 
 
 class xLSTMBlock(GradientCheckpointingLayer):
@@ -491,9 +424,9 @@ class xLSTMBlock(GradientCheckpointingLayer):
         else:
             y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state)
         # the block's input is never written: it may be the caller's inputs_embeds or a returned hidden state
-        hidden_states = _fresh_add(y, hidden_states)
+        hidden_states = fresh_add(y, hidden_states)
         if self.ffn is not None:
-            hidden_states = _fresh_add(self.ffn(self.norm_ffn(hidden_states)), hidden_states)
+            hidden_states = fresh_add(self.ffn(self.norm_ffn(hidden_states)), hidden_states)
         return hidden_states, state
 
 
