@@ -136,10 +136,10 @@ def test_output_hidden_states(family):
 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_no_grad_forward_writes_only_its_own_tensors(family, autocast):
-    """Without autograd, the blocks write elementwise results into the activations they just made (`_fresh_mul`,
-    `_fresh_add`, in-place activation and logit cap). The caller's inputs_embeds and every returned hidden state must
-    stay as they were, and every output must equal, bit for bit and in dtype, the autograd forward, which writes
-    nothing in place; under bf16 autocast the float32 residual stream must not be narrowed by an in-place add."""
+    """Without autograd, the layers write elementwise results into the activations they just made (`fresh_mul`,
+    `fresh_add`, the in-place activation and logit cap). The caller's inputs_embeds and every returned hidden state
+    must stay as they were, and every output must equal, bit for bit and in dtype, the autograd forward, which writes
+    nothing in place; under bf16 autocast no in-place op may narrow a float32 result to bfloat16."""
     model = make(family, use_bias=True)
     embeds = torch.randn(2, 11, model.config.hidden_size)
     kept = embeds.clone()
@@ -154,6 +154,42 @@ def test_no_grad_forward_writes_only_its_own_tensors(family, autocast):
         assert torch.equal(got, want.detach())
     if autocast:
         assert out.hidden_states[-2].dtype == torch.float32
+
+
+def test_no_grad_forward_leaves_tensors_returned_by_hooks_alone(family):
+    """Forward hooks that hand in a tensor the caller keeps (activation patching) on every module whose output the
+    blocks could write into: without autograd the caller's tensors stay as they were, and the outputs equal the
+    autograd forward with the same hooks."""
+    model = make(family)
+    kept = {}
+
+    def patch(name):
+        def hook(module, args, output):
+            if name not in kept:
+                first = output[0] if isinstance(output, tuple) else output
+                kept[name] = (torch.randn_like(first), None)
+                kept[name] = (kept[name][0], kept[name][0].clone())
+            return (kept[name][0], *output[1:]) if isinstance(output, tuple) else kept[name][0]
+
+        return hook
+
+    names = ("out_proj", "proj_down", "proj_up_gate", "proj_up", "multihead_norm", "mlstm_layer", "slstm_layer")
+    handles = [
+        module.register_forward_hook(patch(name))
+        for name, module in model.named_modules()
+        if name.split(".")[-1] in names or name == "lm_head"
+    ]
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True)
+    ref = model(ids, output_hidden_states=True)
+    for handle in handles:
+        handle.remove()
+    assert len(kept) >= 4
+    for name, (tensor, copy) in kept.items():
+        assert torch.equal(tensor, copy), name
+    for got, want in zip((out.logits, *out.hidden_states), (ref.logits, *ref.hidden_states), strict=True):
+        assert torch.equal(got, want.detach())
 
 
 def test_tied_embeddings_and_resize(tmp_path):

@@ -288,7 +288,7 @@ class mLSTMLayer(nn.Module):
         q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
         h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config)
         h = self.multihead_norm(h)  # [B, S, inner]
-        h = fresh_mul(fresh_add(h, self.learnable_skip * x_c), F.silu(z))
+        h = fresh_mul(fresh_add(self.learnable_skip * x_c, h), F.silu(z))
         return _dropout(self.dropout, self.proj_down(h)), (*mlstm_state, conv_state)
 
 
@@ -323,7 +323,7 @@ class mLSTM7BLayer(nn.Module):
         f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
         i, f = _apply_mask_to_gates(i, f, mask)
         h, state = mlstm_sequence(q, k, v, i, f, state, self.config)  # [B, NH, S, DV]
-        h = fresh_mul(self.multihead_norm(h), torch.sigmoid(o))
+        h = fresh_mul(torch.sigmoid(o), self.multihead_norm(h))
         return _dropout(self.dropout, self.out_proj(h)), state
 
 
@@ -385,7 +385,9 @@ class GatedFeedForward(nn.Module):
         # fresh pages cost more than the second pass over x (training step 304 against 311 ms, 5.5k fewer page faults)
         linears = (self.proj_up_gate, self.proj_up, self.proj_down)
         if not torch.is_grad_enabled():
-            act = FFN_ACTIVATIONS_INPLACE[self.activation]
+            # in place only over a product that no hook can have handed in
+            plain = _plain_linears((self.proj_up_gate,), x)
+            act = FFN_ACTIVATIONS_INPLACE[self.activation] if plain else FFN_ACTIVATIONS[self.activation][0]
             y = self.proj_down(fresh_mul(act(self.proj_up_gate(x)), self.proj_up(x)))
         elif _plain_linears(linears, x) and not torch.is_autocast_enabled(x.device.type):
             weights = [t for m in linears for t in (m.weight, m.bias)]
@@ -423,10 +425,9 @@ class xLSTMBlock(GradientCheckpointingLayer):
             y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state)
         else:
             y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state)
-        # the block's input is never written: it may be the caller's inputs_embeds or a returned hidden state
-        hidden_states = fresh_add(y, hidden_states)
+        hidden_states = hidden_states + y
         if self.ffn is not None:
-            hidden_states = fresh_add(self.ffn(self.norm_ffn(hidden_states)), hidden_states)
+            hidden_states = hidden_states + self.ffn(self.norm_ffn(hidden_states))
         return hidden_states, state
 
 
@@ -976,7 +977,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             new.append(state)
         logits = self.lm_head(self.backbone.out_norm(x))
         if self.config.architecture == "7b":
-            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=True)
+            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=_plain_linears((self.lm_head,), x))
         return logits, new
 
     def prepare_inputs_for_generation(
@@ -1066,7 +1067,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(h[:, keep])
         if self.config.architecture == "7b":
-            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=True)
+            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=_plain_linears((self.lm_head,), h))
         loss = None
         if labels is not None:
             loss = self.loss_function(
