@@ -98,11 +98,12 @@ class RMSNormFunction(torch.autograd.Function):
         dyf = dy.float()
         xhat = x.float() * rstd
         rows = tuple(range(dy.dim() - 1))
-        dweight = (dyf * xhat).sum(rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = dyf.sum(rows).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dxhat = dyf * weight.float()
+        dxhat = dyf * xhat
+        dweight = dxhat.sum(rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dxhat = torch.mul(dyf, weight.float(), out=dxhat)  # three new full-size tensors here, not five
         proj = (dxhat * xhat).mean(-1, keepdim=True)
-        dx = torch.addcmul(dxhat, xhat, proj, value=-1.0).mul_(rstd).to(x.dtype)
+        dx = dxhat.addcmul_(xhat, proj, value=-1.0).mul_(rstd).to(x.dtype)
         return dx, dweight, dbias, None
 
 
