@@ -3,8 +3,9 @@
 The tiny xLSTM-7B-style model (hidden 256, 4 blocks, 4 heads, vocab 1024), float32, greedy decoding of 256 new tokens
 after a 64-token prompt at batch 1 and 8, for xlstm_hf eager, xlstm_hf with `compile_decode=True` (each decoding step
 through torch.compile; compiled during the warm-up) and transformers; then xlstm_hf alone at 256 and 4096 new tokens
-(batch 1) to show that tokens/s stay flat, with the peak memory of the 4096-token run. Writes
-benchmarks/generation.json and .png.
+(batch 1) to show that tokens/s stay flat, and the median step time over the first and the last 256 tokens of one
+4096-token call (free of the drift between separate runs on a shared machine), with the peak memory of the
+4096-token run. Writes benchmarks/generation.json and .png.
 
     python scripts/benchmark_generation.py [--repeats 5]
 """
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import xlstm_hf
 
@@ -51,6 +53,30 @@ def tokens_per_s(models: dict, batch: int, new_tokens: int, repeats: int) -> dic
     return {name: batch * new_tokens / statistics.median(ts) for name, ts in times.items()}
 
 
+def step_times(model, new_tokens: int, window: int) -> list[float]:
+    """Median time between consecutive decoding steps in each `window` of tokens of one generate() call (batch 1): a
+    step that got slower as the context grows would show as a trend across the windows, apart from the drift of a
+    shared machine, which moves them up and down."""
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    prompt = torch.randint(0, 1024, (1, 64))
+    model.generate(
+        prompt,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([Clock()]),
+    )
+    steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return [statistics.median(steps[lo : lo + window]) for lo in range(0, len(steps), window)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -75,7 +101,13 @@ def main() -> None:
         r["speedup_compiled"] = r["xlstm_hf+compile"] / r["transformers"]
         results[f"batch{batch}_256"] = r
     flat = {n: tokens_per_s({"c": compiled}, 1, n, 1)["c"] for n in (256, 4096)}
-    results["xlstm_hf_flatness"] = {**{str(k): v for k, v in flat.items()}, "ratio_4096_to_256": flat[4096] / flat[256]}
+    windows = step_times(compiled, 4096, window=512)
+    results["xlstm_hf_flatness"] = {
+        **{str(k): v for k, v in flat.items()},
+        "ratio_4096_to_256": flat[4096] / flat[256],
+        "step_ms_per_512_tokens": [t * 1e3 for t in windows],
+        "step_ratio_last_to_first_window": windows[-1] / windows[0],
+    }
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
@@ -108,7 +140,10 @@ def main() -> None:
     f = results["xlstm_hf_flatness"]
     print(
         f"xlstm_hf+compile batch 1: {f['256']:.0f} tok/s at 256 new tokens, {f['4096']:.0f} tok/s at 4096 "
-        f"(ratio {f['ratio_4096_to_256']:.2f}, target within 10%); peak RSS {results['peak_rss_mb']:.0f} MB"
+        f"(ratio {f['ratio_4096_to_256']:.2f}, separate runs, target within 10%); median step per 512 tokens of "
+        f"the 4096-token run: {' '.join(f'{t:.2f}' for t in f['step_ms_per_512_tokens'])} ms (last / first "
+        f"{f['step_ratio_last_to_first_window']:.2f}); peak RSS "
+        f"{results['peak_rss_mb']:.0f} MB"
     )
 
 
