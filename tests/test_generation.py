@@ -152,6 +152,13 @@ def test_unsupported_strategy_and_bad_arguments_raise():
         half(torch.randint(1, 96, (2, 1)), cache=cache)
     with pytest.raises(ValueError, match="state_dtype"):
         xlstm_hf.xLSTMCache(model.config, 1, state_dtype=torch.int32)
+    # a cache made for another device, empty or filled there (meta stands in for an accelerator)
+    with pytest.raises(ValueError, match="cache holds its states on meta, but the input is on cpu"):
+        model(prompt[:1], cache=xlstm_hf.xLSTMCache(model.config, 1, device="meta"))
+    on_meta = xlstm_hf.xLSTMCache(model.config, 2)
+    on_meta.states = [tuple(t.to("meta") for t in state) for state in cache.states]
+    with pytest.raises(ValueError, match="cache holds its states on meta"):
+        model(torch.randint(1, 96, (2, 1)), cache=on_meta)
 
 
 def test_generate_continues_from_a_cache():

@@ -431,6 +431,11 @@ class xLSTMBlock(GradientCheckpointingLayer):
         return hidden_states, state
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """Same device type, and the same index where both name one ("cuda" matches "cuda:0")."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
 class xLSTMCache:
     """The recurrent state of every block, constant in size whatever the number of tokens processed.
 
@@ -489,8 +494,10 @@ class xLSTMCache:
         # caches that do not count tokens); this cache counts them.
         return [False] * len(self.states)
 
-    def check_compatible(self, config: xLSTMConfig, batch_size: int, dtype: torch.dtype) -> None:
-        """Raise a ValueError naming the mismatch when this cache cannot continue a batch of this model."""
+    def check_compatible(
+        self, config: xLSTMConfig, batch_size: int, dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
+        """Raise a ValueError naming the mismatch when this cache cannot continue a batch of this model on `device`."""
         if self.config is not config and self._block_types != config.block_types:
             raise ValueError(
                 f"cache was built for blocks {''.join(self._block_types)}, the model has {''.join(config.block_types)}"
@@ -506,6 +513,13 @@ class xLSTMCache:
                     f"cache block {idx} holds a conv window of dtype {conv.dtype}, but the activations are {dtype}: "
                     "a cache is tied to the dtype of the model that filled it"
                 )
+        held = next((t.device for st in self.states if st is not None for t in st if t is not None), None)
+        held = held if held is not None or self.device is None else torch.device(self.device)
+        if device is not None and held is not None and not _same_device(held, device):
+            raise ValueError(
+                f"cache holds its states on {held}, but the input is on {device}: move the cache with the model "
+                "(or start a new one)"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -809,7 +823,7 @@ class xLSTMModel(xLSTMPreTrainedModel):
         if cache is not None:
             if not isinstance(cache, xLSTMCache):
                 raise ValueError(f"cache must be an xLSTMCache, got {type(cache).__name__}")
-            cache.check_compatible(self.config, x.shape[0], self.embeddings.weight.dtype)
+            cache.check_compatible(self.config, x.shape[0], self.embeddings.weight.dtype, x.device)
 
     def _run_blocks(
         self, x: torch.Tensor, mask: torch.Tensor | None, states: list, output_hidden_states: bool
