@@ -138,9 +138,9 @@ def bench_mlstm(cuda, repeats, results, skipped):
         for S in seq_lens:
             B = max(1, tokens // S)
             inputs = mlstm_inputs(B, shape["NH"], S, shape["DK"], shape["DV"], dtype, device)
-            for name, fn in impls.items():
-                for mode, run in fwd_and_fwdbwd(fn, inputs).items():
-                    record(results, skipped, f"mlstm_{suite}", name, mode, S, B, lambda run=run: run(), repeats, cuda)
+            for mode in ("fwd", "fwdbwd"):
+                runs = {name: fwd_and_fwdbwd(fn, inputs)[mode] for name, fn in impls.items()}
+                record_in_turns(results, skipped, f"mlstm_{suite}", runs, mode, S, B, repeats, cuda)
 
 
 def bench_step(cuda, repeats, results, skipped):
@@ -226,6 +226,40 @@ def record(results, skipped, suite, impl, mode, S, B, run, repeats, cuda):
         return
     results.append(dict(suite=suite, impl=impl, mode=mode, S=S, B=B, ms=ms))
     print(f"{suite:18s} {impl:32s} {mode:7s} S={S:6d} B={B:4d} {ms:10.3f} ms", flush=True)
+
+
+def record_in_turns(results, skipped, suite, runs, mode, S, B, repeats, cuda):
+    """Median times of the implementations in `runs` (name -> closure) measured in turns, one call of each per
+    repeat, so that a shared machine's drift slows them alike: measured one after another, the first of three
+    read slower than the second on a CPU where in turns it is 1.3x faster."""
+    live = {}
+    for name, run in runs.items():
+        try:
+            run()
+            run()
+            live[name] = run
+        except Exception as e:  # noqa: BLE001 (out of memory or a peer that cannot serve the shape)
+            skipped.append(f"{suite}/{name}/{mode}/S={S}: {type(e).__name__}: {str(e)[:200]}")
+            if cuda:
+                torch.cuda.empty_cache()
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(repeats):
+        for name, run in live.items():
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run()
+                end.record()
+                torch.cuda.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                run()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        results.append(dict(suite=suite, impl=name, mode=mode, S=S, B=B, ms=ms))
+        print(f"{suite:18s} {name:32s} {mode:7s} S={S:6d} B={B:4d} {ms:10.3f} ms", flush=True)
 
 
 def plot(results, path: Path):

@@ -155,6 +155,19 @@ def _chunk_fwd(
     return h, C_in, C, n_all, m_all, m_row, den, D
 
 
+def _contiguous_padded(t: torch.Tensor, length: int) -> torch.Tensor:
+    """t [B, NH, S, D] as a contiguous float32 tensor of `length` >= S positions (zeros after S): t itself when it
+    already is one, else one copy (the layer's q, k, v arrive as strided head views), not a cast, a pad and a copy."""
+    B, NH, S, D = t.shape
+    if S == length and t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    out = torch.empty(B, NH, length, D, device=t.device, dtype=torch.float32)
+    out[:, :, :S] = t
+    if length > S:
+        out[:, :, S:] = 0.0
+    return out
+
+
 def _chunked_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor, L: int, scale: float
 ) -> tuple[torch.Tensor, ...]:
@@ -164,21 +177,15 @@ def _chunked_inputs(
     DV = v.shape[-1]
     NC = math.ceil(S / L)
     pad = NC * L - S
-    # one copy each from the head views (strided) into contiguous float32 chunks, not a cast, a pad and a copy
-    qs, kc, vc = (torch.empty(B, NH, NC * L, d, device=q.device, dtype=torch.float32) for d in (DK, DK, DV))
-    qs[:, :, :S] = q
-    kc[:, :, :S] = k
-    vc[:, :, :S] = v
+    qs, kc, vc = (_contiguous_padded(t, NC * L) for t in (q, k, v))
     i32 = i.float()
     logf = log_sigmoid(f.float())
     if pad:
-        for t in (qs, kc, vc):
-            t[:, :, S:] = 0.0
         i32 = F.pad(i32, (0, pad), value=MASKED_IGATE)
         logf = F.pad(logf, (0, pad))
     logf = logf.reshape(B, NH, NC, L)
     return (
-        qs.mul_(scale).view(B, NH, NC, L, DK),
+        (qs.mul_(scale) if qs is not q else q * scale).view(B, NH, NC, L, DK),
         kc.view(B, NH, NC, L, DK),
         vc.view(B, NH, NC, L, DV),
         i32.reshape(B, NH, NC, L),
