@@ -239,6 +239,63 @@ def slstm_sequence(
     return slstm_recurrent(x, r, state, mask)
 
 
+@dataclass
+class DocumentLayout:
+    """Packed rows [B, S] holding several documents, and the right-padded layout [n_docs, longest] in which the
+    sequence ops (conv, mLSTM, sLSTM) run, every document from an empty state; the projections, norms and
+    feed-forwards stay on the packed tokens. Padding sits after each document's last token, so causal ops never carry
+    it into a real position."""
+
+    index: torch.Tensor  # [n_docs, longest] flat position in the B * S tokens (clamped in the padding)
+    mask: torch.Tensor | None  # [n_docs, longest] bool, True for real tokens; None when no document is padded
+    doc: torch.Tensor  # [B * S] document of each packed token
+    pos: torch.Tensor  # [B * S] its position inside the document
+    rows: tuple[int, int]  # (B, S)
+
+    @classmethod
+    def from_starts(cls, starts: torch.Tensor) -> DocumentLayout:
+        """starts [B, S] bool marking each document's first token (every row starts one)."""
+        B, S = starts.shape
+        flat = starts.reshape(-1).clone()
+        flat[::S] = True
+        doc = flat.long().cumsum(0) - 1
+        first = flat.nonzero().squeeze(-1)  # [n_docs] flat index of each document's first token
+        pos = torch.arange(B * S, device=starts.device) - first[doc]
+        lengths = torch.bincount(doc, minlength=first.shape[0])
+        steps = torch.arange(int(lengths.max()), device=starts.device)
+        index = (first[:, None] + steps).clamp(max=B * S - 1)
+        mask = steps[None, :] < lengths[:, None]
+        return cls(index, None if bool(mask.all()) else mask, doc, pos, (B, S))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, S, *F] -> [n_docs, longest, *F]"""
+        return t.reshape(-1, *t.shape[2:])[self.index]
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """[n_docs, longest, *F] -> [B, S, *F]"""
+        return t[self.doc, self.pos].view(*self.rows, *t.shape[2:])
+
+    def heads(self, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """[B, NH, S, ...] -> [n_docs, NH, longest, ...], or back with `inverse`."""
+        return (self.scatter if inverse else self.gather)(t.transpose(1, 2)).transpose(1, 2)
+
+
+def mlstm_in_documents(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    docs: DocumentLayout,
+    config: xLSTMConfig,
+) -> torch.Tensor:
+    """mlstm_sequence over every document of packed rows from an empty state: q, k [B, NH, S, DK]; v [B, NH, S, DV];
+    i, f [B, NH, S] -> h [B, NH, S, DV]."""
+    i, f = _apply_mask_to_gates(docs.heads(i), docs.heads(f), docs.mask)
+    h, _ = mlstm_sequence(docs.heads(q), docs.heads(k), docs.heads(v), i, f, None, config)
+    return docs.heads(h, inverse=True)
+
+
 def _init_spec(linear: nn.Linear, **spec: Any) -> nn.Linear:
     """Attach the papers' init of this projection (read by xLSTMPreTrainedModel._init_weights): ``wang_dim`` (Wang
     init of a residual output), ``zero_weight``, ``bias`` in {"linspace_3_6", "normal_0.1", float}."""
@@ -270,15 +327,18 @@ class mLSTMLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         B, S, _ = x.shape
         NH = self.num_heads
         mlstm_state, conv_state = (None, None) if state is None else (state[:3], state[3])
         x_m, z = self.proj_up(x).chunk(2, dim=-1)  # [B, S, inner] each
         if mask is not None:
             x_m = x_m * mask[..., None].to(x_m.dtype)
-        x_c, conv_state = self.conv1d(x_m, conv_state)
+        if docs is not None:
+            x_c = docs.scatter(self.conv1d(docs.gather(x_m), None)[0])
+        else:
+            x_c, conv_state = self.conv1d(x_m, conv_state)
         x_c = F.silu(x_c)
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)  # [B, S, inner] each
         qkv = torch.cat([q, k, v], dim=-1)
@@ -286,10 +346,14 @@ class mLSTMLayer(nn.Module):
         f = self.fgate(qkv).transpose(1, 2).float()
         i, f = _apply_mask_to_gates(i, f, mask)
         q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
-        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config)
+        if docs is not None:
+            h, state = mlstm_in_documents(q, k, v, i, f, docs, self.config), None
+        else:
+            h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config)
+            state = (*mlstm_state, conv_state)
         h = self.multihead_norm(h)  # [B, S, inner]
         h = fresh_mul(fresh_add(self.learnable_skip * x_c, h), F.silu(z))
-        return _dropout(self.dropout, self.proj_down(h)), (*mlstm_state, conv_state)
+        return _dropout(self.dropout, self.proj_down(h)), state
 
 
 class mLSTM7BLayer(nn.Module):
@@ -313,8 +377,8 @@ class mLSTM7BLayer(nn.Module):
         self.gate_soft_cap = config.gate_soft_cap
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         B, S, _ = x.shape
         NH = self.num_heads
         q, k, v, o, i, f = fused_linears(self, ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact"), x)
@@ -322,7 +386,10 @@ class mLSTM7BLayer(nn.Module):
         i = soft_cap(i.float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
         f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
         i, f = _apply_mask_to_gates(i, f, mask)
-        h, state = mlstm_sequence(q, k, v, i, f, state, self.config)  # [B, NH, S, DV]
+        if docs is not None:
+            h, state = mlstm_in_documents(q, k, v, i, f, docs, self.config), None
+        else:
+            h, state = mlstm_sequence(q, k, v, i, f, state, self.config)  # [B, NH, S, DV]
         h = fresh_mul(torch.sigmoid(o), self.multihead_norm(h))
         return _dropout(self.dropout, self.out_proj(h)), state
 
@@ -348,23 +415,31 @@ class sLSTMLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         B, S, _ = x.shape
         NH, DH = self.num_heads, self.head_dim
         slstm_state, conv_state = (None, None) if state is None else (state[:4], state[4])
         if self.conv1d is not None:
             x_in = x * mask[..., None].to(x.dtype) if mask is not None else x
-            x_c, conv_state = self.conv1d(x_in, conv_state)
+            if docs is not None:
+                x_c = docs.scatter(self.conv1d(docs.gather(x_in), None)[0])
+            else:
+                x_c, conv_state = self.conv1d(x_in, conv_state)
             x_c = F.silu(x_c)
         else:
             x_c = x
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)  # [B, S, 4, D]
         gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH)
         gates = gates + self.bias[:, None, :]
-        h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config)
+        if docs is not None:
+            h, _ = slstm_sequence(docs.heads(gates), self.recurrent_kernel, None, docs.mask, self.config)
+            h, state = docs.heads(h, inverse=True), None
+        else:
+            h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config)
+            state = (*slstm_state, conv_state)
         y = _dropout(self.dropout, self.multihead_norm(h))  # [B, S, D]
-        return y, (*slstm_state, conv_state)
+        return y, state
 
 
 class GatedFeedForward(nn.Module):
@@ -419,12 +494,16 @@ class xLSTMBlock(GradientCheckpointingLayer):
             self.norm_ffn = self.ffn = None
 
     def forward(
-        self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, state: tuple | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        self,
+        hidden_states: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        state: tuple | None = None,
+        docs: DocumentLayout | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         if self.block_type == "s":
-            y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state)
+            y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state, docs)
         else:
-            y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state)
+            y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state, docs)
         hidden_states = hidden_states + y
         if self.ffn is not None:
             hidden_states = hidden_states + self.ffn(self.norm_ffn(hidden_states))
@@ -826,11 +905,18 @@ class xLSTMModel(xLSTMPreTrainedModel):
             cache.check_compatible(self.config, x.shape[0], self.embeddings.weight.dtype, x.device)
 
     def _run_blocks(
-        self, x: torch.Tensor, mask: torch.Tensor | None, states: list, output_hidden_states: bool
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        states: list,
+        output_hidden_states: bool,
+        docs: DocumentLayout | None = None,
     ) -> tuple[torch.Tensor, list, tuple[torch.Tensor, ...] | None]:
-        """x [B, S, D] through every block, each from its state in `states` (None: empty)."""
+        """x [B, S, D] through every block, each from its state in `states` (None: empty); with `docs`, packed rows
+        whose documents each start from an empty state (no state comes out)."""
         piece = self.config.max_inference_chunksize
-        if piece is not None and x.shape[1] > piece and not torch.is_grad_enabled() and not output_hidden_states:
+        long_prompt = piece is not None and x.shape[1] > piece and not torch.is_grad_enabled()
+        if long_prompt and docs is None and not output_hidden_states:
             # Long prompts without gradients: pieces through the whole stack, the state carried between them, so the
             # activations held at once are bounded by the piece length.
             outs = []
@@ -843,36 +929,10 @@ class xLSTMModel(xLSTMPreTrainedModel):
             return torch.cat(outs, dim=1), states, None
         all_hidden = (x,) if output_hidden_states else None
         for idx, block in enumerate(self.blocks):
-            x, states[idx] = block(x, mask, states[idx])
+            x, states[idx] = block(x, mask, states[idx], docs)
             if output_hidden_states:
                 all_hidden += (x,)
         return x, states, all_hidden
-
-    def _forward_packed(
-        self, x: torch.Tensor, starts: torch.Tensor, output_hidden_states: bool
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Several documents per row (starts [B, S] marks each document's first token): the documents are laid out
-        as a right-padded batch [n_docs, longest, D], run from empty states, and put back in place. Exact: padding
-        is masked, so every document sees only itself, its state and conv window included."""
-        B, S, D = x.shape
-        flat_starts = starts.reshape(-1).clone()
-        flat_starts[::S] = True  # every row starts a document
-        doc = flat_starts.long().cumsum(0) - 1  # [B * S] document of each token
-        first = flat_starts.nonzero().squeeze(-1)  # [n_docs] flat index of each document's first token
-        pos = torch.arange(B * S, device=x.device) - first[doc]  # position inside the document
-        lengths = torch.bincount(doc, minlength=first.shape[0])
-        longest = int(lengths.max())
-        index = (first[:, None] + torch.arange(longest, device=x.device)).clamp(max=B * S - 1)  # [n_docs, longest]
-        mask = torch.arange(longest, device=x.device)[None, :] < lengths[:, None]
-        docs = x.reshape(B * S, D)[index] * mask[..., None].to(x.dtype)
-        y, _, hidden = self._run_blocks(
-            docs, None if bool(mask.all()) else mask, [None] * len(self.blocks), output_hidden_states
-        )
-
-        def unpack(t: torch.Tensor) -> torch.Tensor:
-            return t[doc, pos].view(B, S, -1)
-
-        return unpack(y), tuple(unpack(h) for h in hidden) if hidden is not None else None
 
     def forward(
         self,
@@ -911,7 +971,9 @@ class xLSTMModel(xLSTMPreTrainedModel):
                     "packed sequences (position_ids restarting at 0 or cu_seq_lens_q) start every document from an "
                     "empty state: they cannot continue from a cache"
                 )
-            x, all_hidden = self._forward_packed(x, starts, output_hidden_states)
+            # several documents per row: the sequence ops run them apart (DocumentLayout), the rest on the packed tokens
+            docs = DocumentLayout.from_starts(starts)
+            x, _, all_hidden = self._run_blocks(x, None, [None] * len(self.blocks), output_hidden_states, docs)
             use_cache = False
         else:
             if use_cache and cache is None:
