@@ -11,9 +11,9 @@ the Triton kernels of ``mlstm_chunk`` (m treated as a stabiliser, then routed th
     2. the gradients of the states entering the chunks, by the reverse recurrence written as one matmul;
     3. dq, dk, dv within every chunk from the saved decay matrix D;
     4. di, df and dm0 from the identities of ``_gate_grads``.
-Forward and backward at the CPU benchmark model's heads (NH 4, DK 32, DV 64, 2048 tokens, 2 threads): 9.4 ms here,
-13.0 ms with autograd through the reference, 20 - 28 ms with mlstm_kernels' native kernel
-(``scripts/benchmark_kernels.py``, benchmarks/RESULTS.md).
+Forward and backward at the CPU benchmark model's heads (NH 4, DK 32, DV 64, 2048 tokens, 2 threads, the three
+timed in turns): 8.8 - 11.6 ms here, 10.1 - 20.3 ms with autograd through the reference, 16.3 - 32.3 ms with
+mlstm_kernels' native kernel (``scripts/benchmark_kernels.py``, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
