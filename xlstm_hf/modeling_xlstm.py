@@ -90,6 +90,47 @@ class MultiHeadLayerNorm(LayerNorm):
         return fresh_add(y, self.bias) if self.bias is not None else y
 
 
+@dataclass
+class DocumentLayout:
+    """Packed rows [B, S] holding several documents, and the right-padded layout [n_docs, longest] in which the
+    sequence ops (conv, mLSTM, sLSTM) run, every document from an empty state; the projections, norms and
+    feed-forwards stay on the packed tokens. Padding sits after each document's last token, so causal ops never carry
+    it into a real position."""
+
+    index: torch.Tensor  # [n_docs, longest] flat position in the B * S tokens (clamped in the padding)
+    mask: torch.Tensor | None  # [n_docs, longest] bool, True for real tokens; None when no document is padded
+    doc: torch.Tensor  # [B * S] document of each packed token
+    pos: torch.Tensor  # [B * S] its position inside the document
+    rows: tuple[int, int]  # (B, S)
+
+    @classmethod
+    def from_starts(cls, starts: torch.Tensor) -> DocumentLayout:
+        """starts [B, S] bool marking each document's first token (every row starts one)."""
+        B, S = starts.shape
+        flat = starts.reshape(-1).clone()
+        flat[::S] = True
+        doc = flat.long().cumsum(0) - 1
+        first = flat.nonzero().squeeze(-1)  # [n_docs] flat index of each document's first token
+        pos = torch.arange(B * S, device=starts.device) - first[doc]
+        lengths = torch.bincount(doc, minlength=first.shape[0])
+        steps = torch.arange(int(lengths.max()), device=starts.device)
+        index = (first[:, None] + steps).clamp(max=B * S - 1)
+        mask = steps[None, :] < lengths[:, None]
+        return cls(index, None if bool(mask.all()) else mask, doc, pos, (B, S))
+
+    def gather(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, S, *F] -> [n_docs, longest, *F]"""
+        return t.reshape(-1, *t.shape[2:])[self.index]
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """[n_docs, longest, *F] -> [B, S, *F]"""
+        return t[self.doc, self.pos].view(*self.rows, *t.shape[2:])
+
+    def heads(self, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """[B, NH, S, ...] -> [n_docs, NH, longest, ...], or back with `inverse`."""
+        return (self.scatter if inverse else self.gather)(t.transpose(1, 2)).transpose(1, 2)
+
+
 class CausalConv1d(nn.Module):
     """Depthwise causal conv over time with a state: the last KS - 1 inputs before the sequence.
 
@@ -101,7 +142,12 @@ class CausalConv1d(nn.Module):
         self.kernel_size = kernel_size
         self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, bias=True)
 
-    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, conv_state: torch.Tensor | None, docs: DocumentLayout | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """With `docs`: over every document of packed rows from zeros, and no window comes out."""
+        if docs is not None:
+            return docs.scatter(self(docs.gather(x), None)[0]), None
         B, S, D = x.shape
         if conv_state is None:
             conv_state = x.new_zeros(B, self.kernel_size - 1, D)
@@ -198,10 +244,15 @@ def mlstm_sequence(
     f: torch.Tensor,
     state: MLSTMState | None,
     config: xLSTMConfig,
-) -> tuple[torch.Tensor, MLSTMState]:
+    docs: DocumentLayout | None = None,
+) -> tuple[torch.Tensor, MLSTMState | None]:
     """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] -> h [B, NH, S, DV], state. Chooses the kernel: the
     Triton chunkwise kernel and fused step (see `_use_triton`), else the PyTorch reference in the form that
-    `config.mlstm_kernel` names."""
+    `config.mlstm_kernel` names. With `docs`: every document of packed rows from an empty state, no state out."""
+    if docs is not None:
+        i, f = _apply_mask_to_gates(docs.heads(i), docs.heads(f), docs.mask)
+        h, _ = mlstm_sequence(docs.heads(q), docs.heads(k), docs.heads(v), i, f, None, config)
+        return docs.heads(h, inverse=True), None
     eps, empty_m = config.mlstm_eps, config.mlstm_empty_max_state
     triton_ok = _use_triton(config, q)
     if q.shape[2] == 1:
@@ -230,70 +281,22 @@ def mlstm_sequence(
 
 
 def slstm_sequence(
-    x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
-) -> tuple[torch.Tensor, SLSTMState]:
+    x: torch.Tensor,
+    r: torch.Tensor,
+    state: SLSTMState | None,
+    mask: torch.Tensor | None,
+    config: xLSTMConfig,
+    docs: DocumentLayout | None = None,
+) -> tuple[torch.Tensor, SLSTMState | None]:
     """x [B, NH, S, 4 * DH]; r [NH, DH, 4 * DH] -> h [B, NH, S, DH], state. Chooses the kernel: the fused Triton
-    sLSTM (its time loop in one launch; heads above 128 fall back inside it with a warning) or the reference."""
+    sLSTM (its time loop in one launch; heads above 128 fall back inside it with a warning) or the reference. With
+    `docs`: every document of packed rows from an empty state, no state out."""
+    if docs is not None:
+        h, _ = slstm_sequence(docs.heads(x), r, None, docs.mask, config)
+        return docs.heads(h, inverse=True), None
     if _use_triton(config, x):
         return slstm_triton(x, r, state, mask)
     return slstm_recurrent(x, r, state, mask)
-
-
-@dataclass
-class DocumentLayout:
-    """Packed rows [B, S] holding several documents, and the right-padded layout [n_docs, longest] in which the
-    sequence ops (conv, mLSTM, sLSTM) run, every document from an empty state; the projections, norms and
-    feed-forwards stay on the packed tokens. Padding sits after each document's last token, so causal ops never carry
-    it into a real position."""
-
-    index: torch.Tensor  # [n_docs, longest] flat position in the B * S tokens (clamped in the padding)
-    mask: torch.Tensor | None  # [n_docs, longest] bool, True for real tokens; None when no document is padded
-    doc: torch.Tensor  # [B * S] document of each packed token
-    pos: torch.Tensor  # [B * S] its position inside the document
-    rows: tuple[int, int]  # (B, S)
-
-    @classmethod
-    def from_starts(cls, starts: torch.Tensor) -> DocumentLayout:
-        """starts [B, S] bool marking each document's first token (every row starts one)."""
-        B, S = starts.shape
-        flat = starts.reshape(-1).clone()
-        flat[::S] = True
-        doc = flat.long().cumsum(0) - 1
-        first = flat.nonzero().squeeze(-1)  # [n_docs] flat index of each document's first token
-        pos = torch.arange(B * S, device=starts.device) - first[doc]
-        lengths = torch.bincount(doc, minlength=first.shape[0])
-        steps = torch.arange(int(lengths.max()), device=starts.device)
-        index = (first[:, None] + steps).clamp(max=B * S - 1)
-        mask = steps[None, :] < lengths[:, None]
-        return cls(index, None if bool(mask.all()) else mask, doc, pos, (B, S))
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, S, *F] -> [n_docs, longest, *F]"""
-        return t.reshape(-1, *t.shape[2:])[self.index]
-
-    def scatter(self, t: torch.Tensor) -> torch.Tensor:
-        """[n_docs, longest, *F] -> [B, S, *F]"""
-        return t[self.doc, self.pos].view(*self.rows, *t.shape[2:])
-
-    def heads(self, t: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        """[B, NH, S, ...] -> [n_docs, NH, longest, ...], or back with `inverse`."""
-        return (self.scatter if inverse else self.gather)(t.transpose(1, 2)).transpose(1, 2)
-
-
-def mlstm_in_documents(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    i: torch.Tensor,
-    f: torch.Tensor,
-    docs: DocumentLayout,
-    config: xLSTMConfig,
-) -> torch.Tensor:
-    """mlstm_sequence over every document of packed rows from an empty state: q, k [B, NH, S, DK]; v [B, NH, S, DV];
-    i, f [B, NH, S] -> h [B, NH, S, DV]."""
-    i, f = _apply_mask_to_gates(docs.heads(i), docs.heads(f), docs.mask)
-    h, _ = mlstm_sequence(docs.heads(q), docs.heads(k), docs.heads(v), i, f, None, config)
-    return docs.heads(h, inverse=True)
 
 
 def _init_spec(linear: nn.Linear, **spec: Any) -> nn.Linear:
@@ -335,10 +338,7 @@ class mLSTMLayer(nn.Module):
         x_m, z = self.proj_up(x).chunk(2, dim=-1)  # [B, S, inner] each
         if mask is not None:
             x_m = x_m * mask[..., None].to(x_m.dtype)
-        if docs is not None:
-            x_c = docs.scatter(self.conv1d(docs.gather(x_m), None)[0])
-        else:
-            x_c, conv_state = self.conv1d(x_m, conv_state)
+        x_c, conv_state = self.conv1d(x_m, conv_state, docs)
         x_c = F.silu(x_c)
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)  # [B, S, inner] each
         qkv = torch.cat([q, k, v], dim=-1)
@@ -346,11 +346,8 @@ class mLSTMLayer(nn.Module):
         f = self.fgate(qkv).transpose(1, 2).float()
         i, f = _apply_mask_to_gates(i, f, mask)
         q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
-        if docs is not None:
-            h, state = mlstm_in_documents(q, k, v, i, f, docs, self.config), None
-        else:
-            h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config)
-            state = (*mlstm_state, conv_state)
+        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config, docs)
+        state = None if docs is not None else (*mlstm_state, conv_state)
         h = self.multihead_norm(h)  # [B, S, inner]
         h = fresh_mul(fresh_add(self.learnable_skip * x_c, h), F.silu(z))
         return _dropout(self.dropout, self.proj_down(h)), state
@@ -386,10 +383,7 @@ class mLSTM7BLayer(nn.Module):
         i = soft_cap(i.float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
         f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
         i, f = _apply_mask_to_gates(i, f, mask)
-        if docs is not None:
-            h, state = mlstm_in_documents(q, k, v, i, f, docs, self.config), None
-        else:
-            h, state = mlstm_sequence(q, k, v, i, f, state, self.config)  # [B, NH, S, DV]
+        h, state = mlstm_sequence(q, k, v, i, f, state, self.config, docs)  # [B, NH, S, DV]
         h = fresh_mul(torch.sigmoid(o), self.multihead_norm(h))
         return _dropout(self.dropout, self.out_proj(h)), state
 
@@ -422,22 +416,15 @@ class sLSTMLayer(nn.Module):
         slstm_state, conv_state = (None, None) if state is None else (state[:4], state[4])
         if self.conv1d is not None:
             x_in = x * mask[..., None].to(x.dtype) if mask is not None else x
-            if docs is not None:
-                x_c = docs.scatter(self.conv1d(docs.gather(x_in), None)[0])
-            else:
-                x_c, conv_state = self.conv1d(x_in, conv_state)
+            x_c, conv_state = self.conv1d(x_in, conv_state, docs)
             x_c = F.silu(x_c)
         else:
             x_c = x
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)  # [B, S, 4, D]
         gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH)
         gates = gates + self.bias[:, None, :]
-        if docs is not None:
-            h, _ = slstm_sequence(docs.heads(gates), self.recurrent_kernel, None, docs.mask, self.config)
-            h, state = docs.heads(h, inverse=True), None
-        else:
-            h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config)
-            state = (*slstm_state, conv_state)
+        h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config, docs)
+        state = None if docs is not None else (*slstm_state, conv_state)
         y = _dropout(self.dropout, self.multihead_norm(h))  # [B, S, D]
         return y, state
 
@@ -1051,10 +1038,14 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         for block, state in zip(self.backbone.blocks, states, strict=True):
             x, state = block(x, None, state)
             new.append(state)
-        logits = self.lm_head(self.backbone.out_norm(x))
+        return self._logits(self.backbone.out_norm(x)), new
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head, soft-capped in xLSTM-7B (in place over the head's own output when no hook can have handed it in)."""
+        logits = self.lm_head(h)
         if self.config.architecture == "7b":
-            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=_plain_linears((self.lm_head,), x))
-        return logits, new
+            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=_plain_linears((self.lm_head,), h))
+        return logits
 
     def prepare_inputs_for_generation(
         self,
@@ -1141,9 +1132,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         )
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(h[:, keep])
-        if self.config.architecture == "7b":
-            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=_plain_linears((self.lm_head,), h))
+        logits = self._logits(h[:, keep])
         loss = None
         if labels is not None:
             loss = self.loss_function(
