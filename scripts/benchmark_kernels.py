@@ -45,24 +45,25 @@ TOKENS_PER_BATCH = 65536
 MLSTM_SHAPES = {"xlstm7b": dict(NH=8, DK=256, DV=512), "tfla": dict(NH=16, DK=128, DV=256)}
 
 
+def call_ms(fn: Callable[[], object], cuda: bool) -> float:
+    """Milliseconds of one call of fn: CUDA events on a GPU, wall time on a CPU."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
 def time_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
     """Median wall time of fn in milliseconds after two warm-up calls (compilation, autotuning, allocator)."""
     fn()
     fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(call_ms(fn, cuda) for _ in range(repeats))
 
 
 def fwd_and_fwdbwd(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor]) -> dict[str, Callable[[], object]]:
@@ -245,17 +246,7 @@ def record_in_turns(results, skipped, suite, runs, mode, S, B, repeats, cuda):
     times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(repeats):
         for name, run in live.items():
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run()
-                end.record()
-                torch.cuda.synchronize()
-                times[name].append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                run()
-                times[name].append((time.perf_counter() - t0) * 1e3)
+            times[name].append(call_ms(run, cuda))
     for name, ts in times.items():
         ms = statistics.median(ts)
         results.append(dict(suite=suite, impl=name, mode=mode, S=S, B=B, ms=ms))
