@@ -1,5 +1,5 @@
-"""The hand-written autograd functions of fused_ops (soft cap, RMSNorm, gated feed-forward) against autograd through
-the written-out formulas. float32: the same formulas in a different order, atol 1e-5 on O(1) values; the soft cap's
+"""The hand-written autograd functions of fused_ops (soft cap, RMSNorm, gated feed-forward, logits and loss) against
+autograd through the written-out formulas. float32: the same formulas in a different order, atol 1e-5 on O(1) values; the soft cap's
 sigmoid form differs from tanh by at most 4 * cap * 2^-24 (7e-6 at cap 30)."""
 
 import pytest
@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from conftest import tiny_config
 
 import xlstm_hf
-from xlstm_hf.fused_ops import GatedFFNFunction
+from transformers.loss.loss_utils import ForCausalLMLoss
+
+from xlstm_hf.fused_ops import GatedFFNFunction, LogitsLossFunction
 from xlstm_hf.modeling_xlstm import GatedFeedForward, RMSNorm, soft_cap
 
 
@@ -136,3 +138,81 @@ def test_training_step_equals_module_path():
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
         torch.testing.assert_close(p0, p1, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("divisor", [None, 37.0])
+def test_logits_loss_matches_autograd(cap, divisor):
+    """Soft cap and cross-entropy in one function against the soft cap and transformers' ForCausalLMLoss: 300 rows
+    (two CPU row blocks of 128 and a partial one), ignored targets, a gradient reaching the logits too."""
+    torch.manual_seed(0)
+    h = torch.randn(300, 16, requires_grad=True)
+    w = torch.randn(1024, 16, requires_grad=True)
+    targets = torch.randint(0, 1024, (300,))
+    targets[::7] = -100
+    dlogits = torch.randn(300, 1024) * 1e-3
+
+    logits, loss = LogitsLossFunction.apply(F.linear(h, w), targets, cap, -100, divisor)
+    grads = torch.autograd.grad(loss + (logits * dlogits).sum(), [h, w])
+
+    z = F.linear(h, w)
+    logits_ref = z if cap is None else cap * torch.tanh(z / cap)
+    loss_ref = F.cross_entropy(logits_ref, targets, ignore_index=-100, reduction="sum" if divisor else "mean")
+    loss_ref = loss_ref / divisor if divisor else loss_ref
+    grads_ref = torch.autograd.grad(loss_ref + (logits_ref * dlogits).sum(), [h, w])
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
+
+    all_ignored = torch.full((300,), -100)
+    _, nan_loss = LogitsLossFunction.apply(F.linear(h, w), all_ignored, cap, -100, None)
+    assert torch.isnan(nan_loss)  # as F.cross_entropy's mean over no targets
+
+
+def _through_logits_loss(loss: torch.Tensor) -> bool:
+    fn, seen = loss.grad_fn, 0
+    stack = [fn]
+    while stack and seen < 10:
+        fn = stack.pop()
+        seen += 1
+        if fn is not None and "LogitsLoss" in type(fn).__name__:
+            return True
+        stack.extend(f for f, _ in (fn.next_functions if fn is not None else ()))
+    return False
+
+
+@pytest.mark.parametrize("architecture", ["paper", "7b"])
+def test_model_loss_equals_transformers_loss(architecture):
+    """The model's fused loss and every gradient equal ForCausalLMLoss of its logits (the path taken when the user
+    sets loss_function), with -100 labels and Trainer's num_items_in_batch; the logits are the same tensor values."""
+    torch.manual_seed(0)
+    config = tiny_config(architecture=architecture)
+    fused, plain = xlstm_hf.xLSTMForCausalLM(config), xlstm_hf.xLSTMForCausalLM(config)
+    plain.load_state_dict(fused.state_dict())
+    calls = []
+    plain.loss_function = lambda **kw: calls.append(1) or ForCausalLMLoss(**kw)
+    ids = torch.randint(0, config.vocab_size, (2, 21))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    mean_loss = None
+    for num_items in (None, torch.tensor(30)):
+        outs = [m(ids, labels=labels, num_items_in_batch=num_items) for m in (fused, plain)]
+        mean_loss = outs[0].loss.detach() if mean_loss is None else mean_loss
+        assert _through_logits_loss(outs[0].loss) and not _through_logits_loss(outs[1].loss)
+        torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-6)
+        torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-6, rtol=1e-6)
+        for m in (fused, plain):
+            m.zero_grad()
+        for out in outs:
+            out.loss.backward()
+        for (name, p0), p1 in zip(fused.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p0.grad, p1.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert len(calls) == 2
+    with torch.no_grad():
+        evaluated = fused(ids, labels=labels)
+    torch.testing.assert_close(evaluated.loss, mean_loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_bf16 = fused(ids, labels=labels).loss
+    assert not _through_logits_loss(loss_bf16)
+    torch.testing.assert_close(loss_bf16.float(), mean_loss, atol=0.05, rtol=0.02)

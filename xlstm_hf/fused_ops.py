@@ -69,6 +69,58 @@ def soft_cap(x: torch.Tensor, cap: float | None, fresh: bool = False) -> torch.T
     return _soft_cap(x, cap, fresh and not torch.is_grad_enabled()).to(x.dtype)
 
 
+def _row_blocks(x: torch.Tensor) -> list[slice]:
+    """The row blocks [N, V] -> blocks of about 512 KB on a CPU, where a full-size temporary costs the first touch of
+    its pages and each pass over it runs at memory speed, not cache speed; one block elsewhere."""
+    N, V = x.shape
+    rows = max(16, (1 << 17) // V) if x.device.type == "cpu" else max(N, 1)
+    return [slice(start, start + rows) for start in range(0, N, rows)]
+
+
+class LogitsLossFunction(torch.autograd.Function):
+    """The soft cap (when `cap` is set) written into the lm_head output z [N, V] float32, and the cross-entropy of
+    those logits against targets [N] (`ignore_index` ignored), averaged over the counted targets or, with `divisor`,
+    summed and divided by it: ``transformers.loss_utils.ForCausalLMLoss`` of the soft-capped logits. Returns the
+    logits (z itself) and the loss.
+
+    Saves the logits and their row log-sum-exp [N]. Autograd through the soft cap, log_softmax and nll_loss makes six
+    new [N, V] tensors per training step (three forward, three backward); this makes one (the gradient), and both
+    passes walk the rows in blocks that stay in cache (`_row_blocks`)."""
+
+    @staticmethod
+    def forward(ctx, z, targets, cap, ignore_index, divisor):
+        valid = targets != ignore_index  # [N]
+        picked = torch.where(valid, targets, 0)
+        lse = z.new_empty(z.shape[0])
+        for rows in _row_blocks(z):
+            block = z[rows]
+            if cap is not None:
+                block.mul_(2.0 / cap).sigmoid_().mul_(2.0 * cap).sub_(cap)  # cap * tanh(z / cap), as `_soft_cap`
+            torch.logsumexp(block, -1, out=lse[rows])
+        total = (lse - z.gather(1, picked[:, None]).squeeze(1)).masked_fill_(~valid, 0.0).sum()
+        divisor = valid.sum() if divisor is None else divisor
+        ctx.mark_dirty(z)
+        ctx.save_for_backward(z, lse, picked, valid)
+        ctx.cap, ctx.divisor = cap, divisor
+        return z, total / divisor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dlogits, dloss):
+        y, lse, picked, valid = ctx.saved_tensors
+        grad = torch.empty_like(y)
+        weight = torch.zeros_like(lse) if dloss is None else (valid * (dloss / ctx.divisor)).to(y.dtype)  # [N]
+        for rows in _row_blocks(y):
+            g = grad[rows]
+            torch.sub(y[rows], lse[rows, None], out=g).exp_().mul_(weight[rows, None])  # softmax * weight
+            g.scatter_add_(1, picked[rows, None], -weight[rows, None])
+            if dlogits is not None:
+                g.add_(dlogits[rows])
+            if ctx.cap is not None:
+                g.mul_(y[rows].square().mul_(-1.0 / ctx.cap**2).add_(1.0))
+        return grad, None, None, None, None
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

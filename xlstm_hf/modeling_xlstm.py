@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
@@ -26,6 +27,7 @@ from .fused_ops import (
     FFN_ACTIVATIONS,
     FFN_ACTIVATIONS_INPLACE,
     GatedFFNFunction,
+    LogitsLossFunction,
     RMSNormFunction,
     fresh_add,
     fresh_mul,
@@ -1040,12 +1042,39 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             new.append(state)
         return self._logits(self.backbone.out_norm(x)), new
 
+    def _logit_cap(self) -> float | None:
+        return self.config.output_logit_soft_cap if self.config.architecture == "7b" else None
+
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """lm_head, soft-capped in xLSTM-7B (in place over the head's own output when no hook can have handed it in)."""
-        logits = self.lm_head(h)
-        if self.config.architecture == "7b":
-            logits = soft_cap(logits, self.config.output_logit_soft_cap, fresh=_plain_linears((self.lm_head,), h))
-        return logits
+        return soft_cap(self.lm_head(h), self._logit_cap(), fresh=_plain_linears((self.lm_head,), h))
+
+    def _logits_and_loss(
+        self, h: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits [B, S, V] and the shifted LM loss of h [B, S, D]. With a plain float32 lm_head and the default
+        loss, `LogitsLossFunction` computes both from the head's output: the train step of the CPU benchmark model
+        takes 2 new [B * S, V] tensors instead of 6."""
+        if (
+            h.dtype == torch.float32
+            and labels.shape == h.shape[:-1]
+            and _plain_linears((self.lm_head,), h)
+            and self.loss_function is ForCausalLMLoss
+        ):
+            z = self.lm_head(h.reshape(-1, h.shape[-1]))  # [B * S, V]
+            if z.dtype == torch.float32:  # not under autocast
+                targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(z.device)
+                if torch.is_tensor(num_items_in_batch):
+                    num_items_in_batch = num_items_in_batch.to(z.device)
+                logits, loss = LogitsLossFunction.apply(z, targets, self._logit_cap(), -100, num_items_in_batch)
+                return logits.view(*h.shape[:-1], -1), loss
+            logits = soft_cap(z, self._logit_cap(), fresh=True).view(*h.shape[:-1], -1)
+        else:
+            logits = self._logits(h)
+        loss = self.loss_function(
+            logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+        )
+        return logits, loss
 
     def prepare_inputs_for_generation(
         self,
@@ -1132,9 +1161,12 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         )
         h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self._logits(h[:, keep])
         loss = None
-        if labels is not None:
+        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
+            logits, loss = self._logits_and_loss(h, labels, num_items_in_batch)
+        else:
+            logits = self._logits(h[:, keep])
+        if labels is not None and loss is None:
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
             )
