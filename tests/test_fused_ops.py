@@ -1,15 +1,14 @@
 """The hand-written autograd functions of fused_ops (soft cap, RMSNorm, gated feed-forward, logits and loss) against
-autograd through the written-out formulas. float32: the same formulas in a different order, atol 1e-5 on O(1) values; the soft cap's
-sigmoid form differs from tanh by at most 4 * cap * 2^-24 (7e-6 at cap 30)."""
+autograd through the written-out formulas. float32: the same formulas in a different order, atol 1e-5 on O(1) values;
+the soft cap's sigmoid form differs from tanh by at most 4 * cap * 2^-24 (7e-6 at cap 30)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_config
-
-import xlstm_hf
 from transformers.loss.loss_utils import ForCausalLMLoss
 
+import xlstm_hf
 from xlstm_hf.fused_ops import GatedFFNFunction, LogitsLossFunction
 from xlstm_hf.modeling_xlstm import GatedFeedForward, RMSNorm, soft_cap
 
