@@ -78,46 +78,61 @@ def _row_blocks(x: torch.Tensor) -> list[slice]:
 
 
 class LogitsLossFunction(torch.autograd.Function):
-    """The soft cap (when `cap` is set) written into the lm_head output z [N, V] float32, and the cross-entropy of
-    those logits against targets [N] (`ignore_index` ignored), averaged over the counted targets or, with `divisor`,
-    summed and divided by it: ``transformers.loss_utils.ForCausalLMLoss`` of the soft-capped logits. Returns the
-    logits (z itself) and the loss.
+    """The logits y = cap * tanh(z / cap) (y = z without a cap) of the lm_head output z [N, V] and their cross-entropy
+    against targets [N] (`ignore_index` ignored), averaged over the counted targets or, with `divisor`, summed and
+    divided by it: ``transformers.loss_utils.ForCausalLMLoss`` of the soft-capped logits, with the same float32
+    arithmetic over logits in z's dtype. Returns y (in float32, or without a cap, z itself, written in place) and
+    the float32 loss.
 
-    Saves the logits and their row log-sum-exp [N]. Autograd through the soft cap, log_softmax and nll_loss makes six
-    new [N, V] tensors per training step (three forward, three backward); this makes one (the gradient), and both
+    Saves y (or, capped in a lower precision, z, from which the backward recomputes the cap's derivative as the
+    soft cap does, not from the rounded y) and the rows' log-sum-exp [N]. Autograd through the soft cap, the upcast,
+    log_softmax and nll_loss makes six or more new [N, V] tensors per training step; this makes one or two, and both
     passes walk the rows in blocks that stay in cache (`_row_blocks`)."""
 
     @staticmethod
     def forward(ctx, z, targets, cap, ignore_index, divisor):
         valid = targets != ignore_index  # [N]
         picked = torch.where(valid, targets, 0)
-        lse = z.new_empty(z.shape[0])
+        in_place = cap is None or z.dtype == torch.float32
+        y = z if in_place else torch.empty_like(z)
+        lse = torch.empty(z.shape[0], device=z.device, dtype=torch.float32)
         for rows in _row_blocks(z):
-            block = z[rows]
             if cap is not None:
-                block.mul_(2.0 / cap).sigmoid_().mul_(2.0 * cap).sub_(cap)  # cap * tanh(z / cap), as `_soft_cap`
-            torch.logsumexp(block, -1, out=lse[rows])
-        total = (lse - z.gather(1, picked[:, None]).squeeze(1)).masked_fill_(~valid, 0.0).sum()
+                capped = _soft_cap(z[rows], cap, fresh=in_place)  # float32; z's rows themselves when in place
+                if not in_place:
+                    y[rows] = capped
+            torch.logsumexp(y[rows].float(), -1, out=lse[rows])  # of the logits as returned
+        total = (lse - y.gather(1, picked[:, None]).squeeze(1).float()).masked_fill_(~valid, 0.0).sum()
         divisor = valid.sum() if divisor is None else divisor
-        ctx.mark_dirty(z)
-        ctx.save_for_backward(z, lse, picked, valid)
-        ctx.cap, ctx.divisor = cap, divisor
-        return z, total / divisor
+        if in_place:
+            ctx.mark_dirty(z)
+        ctx.save_for_backward(y if in_place else z, lse, picked, valid)
+        ctx.cap, ctx.divisor, ctx.in_place = cap, divisor, in_place
+        return y, total / divisor
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dlogits, dloss):
-        y, lse, picked, valid = ctx.saved_tensors
-        grad = torch.empty_like(y)
-        weight = torch.zeros_like(lse) if dloss is None else (valid * (dloss / ctx.divisor)).to(y.dtype)  # [N]
-        for rows in _row_blocks(y):
-            g = grad[rows]
-            torch.sub(y[rows], lse[rows, None], out=g).exp_().mul_(weight[rows, None])  # softmax * weight
+        saved, lse, picked, valid = ctx.saved_tensors
+        cap = ctx.cap
+        grad = torch.empty_like(saved)
+        weight = torch.zeros_like(lse) if dloss is None else valid * (dloss.float() / ctx.divisor)  # [N]
+        upcast = saved.dtype != torch.float32  # then g is a float32 block, else a view into grad
+        for rows in _row_blocks(saved):
+            if ctx.in_place:
+                y32 = y = saved[rows].float()  # a view of the saved logits in float32
+            else:
+                y32 = _soft_cap(saved[rows], cap)  # [R, V] float32, as the soft cap computes it
+                y = y32.to(saved.dtype).float()  # the logits as returned
+            g = torch.empty_like(y) if upcast else grad[rows]
+            torch.sub(y, lse[rows, None], out=g).exp_().mul_(weight[rows, None])  # softmax * weight
             g.scatter_add_(1, picked[rows, None], -weight[rows, None])
             if dlogits is not None:
                 g.add_(dlogits[rows])
-            if ctx.cap is not None:
-                g.mul_(y[rows].square().mul_(-1.0 / ctx.cap**2).add_(1.0))
+            if cap is not None:
+                g.mul_((y32.square() if ctx.in_place else y32.square_()).mul_(-1.0 / cap**2).add_(1.0))
+            if upcast:
+                grad[rows] = g
         return grad, None, None, None, None
 
 
