@@ -70,10 +70,11 @@ def soft_cap(x: torch.Tensor, cap: float | None, fresh: bool = False) -> torch.T
 
 
 def _row_blocks(x: torch.Tensor) -> list[slice]:
-    """The row blocks [N, V] -> blocks of about 512 KB on a CPU, where a full-size temporary costs the first touch of
-    its pages and each pass over it runs at memory speed, not cache speed; one block elsewhere."""
+    """The row blocks that the logits functions walk over x [N, V]: about 512 KB on a CPU, where a full-size
+    temporary costs the first touch of its pages and each pass over it runs at memory speed, not cache speed; about
+    256 MB of float32 on an accelerator, which bounds the temporaries of a large vocabulary at a few launches more."""
     N, V = x.shape
-    rows = max(16, (1 << 17) // V) if x.device.type == "cpu" else max(N, 1)
+    rows = max(16, (1 << 17) // V) if x.device.type == "cpu" else max(1, (1 << 26) // V)
     return [slice(start, start + rows) for start in range(0, N, rows)]
 
 
