@@ -809,7 +809,10 @@ def _compiled_step(model: nn.Module):
     """torch.compile of `model._decode_step`, one per model instance, kept outside the module so that the model
     still pickles and deep-copies."""
     if model not in _COMPILED_STEPS:
-        _COMPILED_STEPS[model] = torch.compile(model._decode_step, dynamic=False)
+        # inductor's size, stride and alignment asserts on the inputs repeat what dynamo's guards check before every
+        # call: 0.82 against 0.92 ms per step of the CPU benchmark model
+        options = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
+        _COMPILED_STEPS[model] = torch.compile(model._decode_step, dynamic=False, options=options)
     return _COMPILED_STEPS[model]
 
 
