@@ -235,6 +235,16 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one"):
         model()
+    ids = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match=r"labels has shape \(2, 4\), expected \(2, 5\)"):
+        model(ids, labels=ids[:, 1:])
+    with pytest.raises(ValueError, match=r"labels has shape \(10,\)"):
+        model(ids, labels=ids.reshape(-1))  # flat labels would be shifted across the rows
+    with pytest.raises(ValueError, match="labels contains 97"):
+        model(ids, labels=torch.full_like(ids, 97))
+    with pytest.raises(ValueError, match="labels contains -1"):
+        model(ids, labels=torch.full_like(ids, -1))
+    assert model(ids, labels=torch.full_like(ids, -100)).loss.isnan()  # nothing to predict, as ForCausalLMLoss
 
 
 def test_bf16_weights_keep_float32_states():

@@ -1045,6 +1045,21 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             new.append(state)
         return self._logits(self.backbone.out_norm(x)), new
 
+    def _check_labels(self, labels: torch.Tensor, inputs: torch.Tensor | None) -> None:
+        """labels must be [B, S] like the inputs (they are shifted inside, row by row) and hold token ids or -100."""
+        if inputs is not None and tuple(labels.shape) != tuple(inputs.shape[:2]):
+            raise ValueError(
+                f"labels has shape {tuple(labels.shape)}, expected {tuple(inputs.shape[:2])} (one label per input "
+                "position, [B, S]; they are shifted inside)"
+            )
+        if not torch.compiler.is_compiling():  # data-dependent, as the check of input_ids
+            bad = ((labels < 0) & (labels != -100)) | (labels >= self.config.vocab_size)
+            if bool(bad.any()):
+                raise ValueError(
+                    f"labels contains {labels[bad][0].item()}, neither a token id in [0, vocab_size="
+                    f"{self.config.vocab_size}) nor -100 (ignored)"
+                )
+
     def _logit_cap(self) -> float | None:
         return self.config.output_logit_soft_cap if self.config.architecture == "7b" else None
 
@@ -1148,6 +1163,8 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             use_cache = use_cache if use_cache is not None else self.config.use_cache
             result = xLSTMCausalLMOutput(logits=logits, cache=cache if use_cache else None)
             return result if return_dict else result.to_tuple()
+        if labels is not None:
+            self._check_labels(labels, input_ids if input_ids is not None else inputs_embeds)
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
