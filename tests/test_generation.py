@@ -239,3 +239,78 @@ def test_plain_decode_step_equals_general_forward():
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
     assert lean_cache.get_seq_length() == general_cache.get_seq_length() == 8
+
+
+class _CountBmm(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.bmm = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.bmm += func is torch.ops.aten.bmm.default
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_product_equals_the_linear(two_threads, bias):
+    """`linear` runs a decoding step's product over slices of the weight's rows (one per thread): the same values as
+    the module for 1 to 16 rows; 17 rows, gradients, bfloat16, a hooked module, one thread or a small weight call the
+    module itself."""
+    from xlstm_hf.modeling_xlstm import linear
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(256, 384, bias=bias)
+    for rows in (1, 5, 16):
+        x = torch.randn(rows, 1, 256)
+        with torch.no_grad(), _CountBmm() as counted:
+            y = linear(m, x)
+        assert counted.bmm == 1 and y.shape == (rows, 1, 384)
+        torch.testing.assert_close(y, m(x).detach(), atol=1e-5, rtol=1e-5)
+    x = torch.randn(17, 1, 256)
+    with torch.no_grad(), _CountBmm() as counted:
+        linear(m, x)
+        linear(m.to(torch.bfloat16), x.to(torch.bfloat16))
+        m.float()
+        linear(torch.nn.Linear(64, 64), x[:1, :, :64])
+        torch.set_num_threads(1)
+        linear(m, x[:1])
+        torch.set_num_threads(2)
+        handle = m.register_forward_hook(lambda mod, inp, out: out)
+        linear(m, x[:1])
+        handle.remove()
+    with _CountBmm() as with_grad:
+        y = linear(m, x[:1])
+    assert counted.bmm == 0 and with_grad.bmm == 0 and y.requires_grad
+
+
+def test_split_products_give_the_same_tokens(two_threads):
+    """A model whose lm_head and feed-forward are large enough for the split products: the same greedy tokens and
+    logits (float32 tolerance) with two threads as with one, where every product runs whole."""
+    model = make("7b", vocab_size=1024, hidden_size=64)
+    prompt = torch.randint(1, 1024, (2, 7))
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with _CountBmm() as counted:
+        split = model.generate(prompt, **kwargs)
+    torch.set_num_threads(1)
+    whole = model.generate(prompt, **kwargs)
+    assert counted.bmm > 0
+    assert torch.equal(split.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(split.logits), torch.stack(whole.logits), **LOGIT_TOL)
+
+
+@pytest.mark.parametrize("family", ["mixed", "7b"])
+def test_decode_step_compiles_without_graph_breaks(two_threads, family):
+    """What compile_decode compiles is one graph, split products included (their thread count is a constant)."""
+    model = make(family, vocab_size=1024, hidden_size=64)
+    with torch.no_grad():
+        cache = model(torch.randint(1, 1024, (1, 7)), use_cache=True).cache
+        explained = torch._dynamo.explain(model._decode_step)(torch.tensor([[3]]), list(cache.states))
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
