@@ -82,8 +82,8 @@ class LogitsLossFunction(torch.autograd.Function):
     """The logits y = cap * tanh(z / cap) (y = z without a cap) of the lm_head output z [N, V] and their cross-entropy
     against targets [N] (`ignore_index` ignored), averaged over the counted targets or, with `divisor`, summed and
     divided by it: ``transformers.loss_utils.ForCausalLMLoss`` of the soft-capped logits, with the same float32
-    arithmetic over logits in z's dtype. Returns y (in float32, or without a cap, z itself, written in place) and
-    the float32 loss.
+    arithmetic over logits in z's dtype. Returns y in z's dtype (z itself, written in place, when it is float32 or
+    there is no cap) and the float32 loss.
 
     Saves y (or, capped in a lower precision, z, from which the backward recomputes the cap's derivative as the
     soft cap does, not from the rounded y) and the rows' log-sum-exp [N]. Autograd through the soft cap, the upcast,
