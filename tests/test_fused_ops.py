@@ -56,9 +56,10 @@ def test_soft_cap_matches_tanh(dtype):
     assert soft_cap(x, None) is x
 
 
+@pytest.mark.parametrize("keep_products", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "gelu", "relu"])
-def test_gated_ffn_matches_autograd(activation, bias):
+def test_gated_ffn_matches_autograd(activation, bias, keep_products):
     torch.manual_seed(0)
     gate, up, down = (
         torch.nn.Linear(16, 40, bias=bias),
@@ -69,17 +70,18 @@ def test_gated_ffn_matches_autograd(activation, bias):
     dy = torch.randn(37, 12)
     params = [x, *gate.parameters(), *up.parameters(), *down.parameters()]
     weights = [t for m in (gate, up, down) for t in (m.weight, m.bias)]
-    y = GatedFFNFunction.apply(x, *weights, activation)
+    y = GatedFFNFunction.apply(x, *weights, activation, keep_products)
     assert "GatedFFN" in type(y.grad_fn).__name__
     act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[activation]
     y_ref = down(act(gate(x)) * up(x))
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
     grads_ref = torch.autograd.grad(y_ref, params, dy, retain_graph=True)
-    for g, g_ref in zip(torch.autograd.grad(y, params, dy), grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    for _ in range(2):  # a second backward through the same graph finds the saved tensors intact
+        for g, g_ref in zip(torch.autograd.grad(y, params, dy, retain_graph=True), grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
     # a frozen input and frozen weights (LoRA-style fine-tuning of other layers) get no gradient computed
     frozen = [w.detach() if w is not None else None for w in weights]
-    (dx,) = torch.autograd.grad(GatedFFNFunction.apply(x, *frozen, activation), [x], dy)
+    (dx,) = torch.autograd.grad(GatedFFNFunction.apply(x, *frozen, activation, keep_products), [x], dy)
     torch.testing.assert_close(dx, torch.autograd.grad(y_ref, [x], dy)[0], atol=1e-5, rtol=1e-5)
 
 

@@ -188,16 +188,20 @@ FFN_ACTIVATIONS_INPLACE = {"gelu": torch.ops.aten.gelu_, "silu": torch.ops.aten.
 class GatedFFNFunction(torch.autograd.Function):
     """y = (act(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd over x [N, D] with weights Wg, Wu [H, D], Wd [D', H].
 
-    Saves x, g = x Wg^T + bg and u = x Wu^T + bu; the product act(g) * u is recomputed in the backward. It writes three
-    [N, H] tensors forward and three backward, against four and four through autograd, which also keeps act(g): the
-    training step of the CPU benchmark model takes 307 against 319 ms and 313 against 325 ms (two in-process A/B runs).
-    """
+    Saves x, g = x Wg^T + bg and u = x Wu^T + bu. Without `keep_products` (the model's choice on an accelerator)
+    act(g) * u is recomputed in the backward: four [N, H] tensors written forward and backward against autograd's
+    eight, and two kept for the backward against four. With it (on a CPU, where a fresh tensor costs the first touch
+    of its pages), act(g) and the product are kept too and the backward writes three: the training step of the CPU
+    benchmark model takes 323 - 344 against 331 - 354 ms (two in-process A/B runs); recomputing took 307 against
+    319 ms through autograd before."""
 
     @staticmethod
-    def forward(ctx, x, wg, bg, wu, bu, wd, bd, activation):
+    def forward(ctx, x, wg, bg, wu, bu, wd, bd, activation, keep_products):
         g, u = F.linear(x, wg, bg), F.linear(x, wu, bu)
-        y = F.linear(FFN_ACTIVATIONS[activation][0](g).mul_(u), wd, bd)
-        ctx.save_for_backward(x, wg, wu, wd, g, u)
+        a = FFN_ACTIVATIONS[activation][0](g)
+        p = a * u if keep_products else a.mul_(u)
+        y = F.linear(p, wd, bd)
+        ctx.save_for_backward(x, wg, wu, wd, g, u, *((a, p) if keep_products else ()))
         ctx.activation = activation
         ctx.has_bias = (bg is not None, bu is not None, bd is not None)
         return y
@@ -205,14 +209,14 @@ class GatedFFNFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        x, wg, wu, wd, g, u = ctx.saved_tensors
+        x, wg, wu, wd, g, u, *kept = ctx.saved_tensors
         act, act_backward = FFN_ACTIVATIONS[ctx.activation]
         needs = ctx.needs_input_grad
-        a = act(g)  # [N, H]
-        p = a * u
+        a, p = kept if kept else (act(g), None)  # [N, H]
+        p = a * u if p is None else p
         dwd = dy.t() @ p if needs[5] else None
         da = dy @ wd  # [N, H]
-        du = torch.mul(da, a, out=p)
+        du = da * a if kept else torch.mul(da, a, out=p)  # saved tensors stay intact for a second backward
         dg = act_backward(da.mul_(u), g)
         dx = torch.addmm(dg @ wg, du, wu) if needs[0] else None
         dwg = dg.t() @ x if needs[1] else None
@@ -221,4 +225,4 @@ class GatedFFNFunction(torch.autograd.Function):
         dbg = dg.sum(0) if has_bg and needs[2] else None
         dbu = du.sum(0) if has_bu and needs[4] else None
         dbd = dy.sum(0) if has_bd and needs[6] else None
-        return dx, dwg, dbg, dwu, dbu, dwd, dbd, None
+        return dx, dwg, dbg, dwu, dbu, dwd, dbd, None, None

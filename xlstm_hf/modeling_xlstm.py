@@ -492,7 +492,9 @@ class GatedFeedForward(nn.Module):
             y = linear(self.proj_down, fresh_mul(act(linear(self.proj_up_gate, x)), linear(self.proj_up, x)))
         elif _plain_linears(linears, x) and not torch.is_autocast_enabled(x.device.type):
             weights = [t for m in linears for t in (m.weight, m.bias)]
-            y = GatedFFNFunction.apply(x.reshape(-1, x.shape[-1]), *weights, self.activation).view(*x.shape[:-1], -1)
+            keep = x.device.type == "cpu"  # see GatedFFNFunction
+            y = GatedFFNFunction.apply(x.reshape(-1, x.shape[-1]), *weights, self.activation, keep)
+            y = y.view(*x.shape[:-1], -1)
         else:
             y = self.proj_down(FFN_ACTIVATIONS[self.activation][0](self.proj_up_gate(x)) * self.proj_up(x))
         return _dropout(self.dropout, y)
