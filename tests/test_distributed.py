@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -48,10 +47,9 @@ TINY_RUN = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# torchrun's --standalone: a local rendezvous on a port the OS picks, where a port probed free beforehand could be
+# taken by another process before torchrun binds it
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def run_train(output_dir: Path, nproc: int, per_device_batch: int, *extra: str) -> dict:
@@ -59,17 +57,7 @@ def run_train(output_dir: Path, nproc: int, per_device_batch: int, *extra: str) 
     if nproc == 1:
         cmd = [sys.executable, str(TRAIN), *args]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}",
-            str(TRAIN),
-            "--ddp_backend=gloo",
-            *args,
-        ]
+        cmd = [*TORCHRUN, f"--nproc_per_node={nproc}", str(TRAIN), "--ddp_backend=gloo", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -152,10 +140,9 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     script = tmp_path / "fsdp_cpu.py"
     script.write_text(FSDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1", REPO=str(TRAIN.parents[1]))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
     for name, cmd in (
         ("single", [sys.executable, str(script)]),
-        ("fsdp", [*torchrun, f"--master_port={free_port()}", str(script)]),
+        ("fsdp", [*TORCHRUN, "--nproc_per_node=2", str(script)]),
     ):
         proc = subprocess.run(
             cmd, env=dict(env, OUT=str(tmp_path / f"{name}.pt")), capture_output=True, text=True, timeout=300
