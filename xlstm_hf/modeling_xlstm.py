@@ -488,7 +488,7 @@ class GatedFeedForward(nn.Module):
         if not torch.is_grad_enabled():
             # in place only over a product that no hook can have handed in
             plain = _plain_linears((self.proj_up_gate,), x)
-            act = FFN_ACTIVATIONS_INPLACE[self.activation] if plain else FFN_ACTIVATIONS[self.activation][0]
+            act = FFN_ACTIVATIONS_INPLACE[self.activation] if plain else FFN_ACTIVATIONS[self.activation]
             y = linear(self.proj_down, fresh_mul(act(linear(self.proj_up_gate, x)), linear(self.proj_up, x)))
         elif _plain_linears(linears, x) and not torch.is_autocast_enabled(x.device.type):
             weights = [t for m in linears for t in (m.weight, m.bias)]
@@ -496,7 +496,7 @@ class GatedFeedForward(nn.Module):
             y = GatedFFNFunction.apply(x.reshape(-1, x.shape[-1]), *weights, self.activation, keep)
             y = y.view(*x.shape[:-1], -1)
         else:
-            y = self.proj_down(FFN_ACTIVATIONS[self.activation][0](self.proj_up_gate(x)) * self.proj_up(x))
+            y = self.proj_down(FFN_ACTIVATIONS[self.activation](self.proj_up_gate(x)) * self.proj_up(x))
         return _dropout(self.dropout, y)
 
 
