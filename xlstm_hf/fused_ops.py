@@ -41,6 +41,11 @@ def _soft_cap(x: torch.Tensor, cap: float, fresh: bool = False) -> torch.Tensor:
     return y.sigmoid_().mul_(2.0 * cap).sub_(cap)
 
 
+def _soft_cap_slope(y: torch.Tensor, cap: float, overwrite: bool = False) -> torch.Tensor:
+    """d/dx cap * tanh(x / cap) = 1 - (y / cap)^2 from the float32 output y, written into y with `overwrite`."""
+    return (y.square_() if overwrite else y.square()).mul_(-1.0 / cap**2).add_(1.0)
+
+
 class SoftCapFunction(torch.autograd.Function):
     """y = cap * tanh(x / cap) with dy/dx = 1 - (y / cap)^2 from the saved output: one saved tensor and one new
     tensor backward, where autograd keeps x / cap and tanh and makes three."""
@@ -56,7 +61,7 @@ class SoftCapFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        return y.square().mul_(-1.0 / ctx.cap**2).add_(1.0).mul_(dy).to(dy.dtype), None
+        return _soft_cap_slope(y, ctx.cap).mul_(dy).to(dy.dtype), None
 
 
 def soft_cap(x: torch.Tensor, cap: float | None, fresh: bool = False) -> torch.Tensor:
@@ -131,7 +136,7 @@ class LogitsLossFunction(torch.autograd.Function):
             if dlogits is not None:
                 g.add_(dlogits[rows])
             if cap is not None:
-                g.mul_((y32.square() if ctx.in_place else y32.square_()).mul_(-1.0 / cap**2).add_(1.0))
+                g.mul_(_soft_cap_slope(y32, cap, overwrite=not ctx.in_place))  # y32 is ours unless in place
             if upcast:
                 grad[rows] = g
         return grad, None, None, None, None
@@ -216,8 +221,11 @@ class GatedFFNFunction(torch.autograd.Function):
         x, wg, wu, wd, g, u, *kept = ctx.saved_tensors
         act = FFN_ACTIVATIONS[ctx.activation]
         needs = ctx.needs_input_grad
-        a, p = kept if kept else (act(g), None)  # [N, H]
-        p = a * u if p is None else p
+        if kept:
+            a, p = kept  # [N, H] each
+        else:
+            a = act(g)
+            p = a * u
         dwd = dy.t() @ p if needs[5] else None
         da = dy @ wd  # [N, H]
         du = da * a if kept else torch.mul(da, a, out=p)  # saved tensors stay intact for a second backward
