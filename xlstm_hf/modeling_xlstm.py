@@ -538,6 +538,17 @@ class xLSTMBlock(GradientCheckpointingLayer):
         return hidden_states, state
 
 
+def _out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
+    """The first id outside [0, vocab_size) (other than `ignored`), or None. A data-dependent check: skipped while
+    torch.compile traces, where it would break the graph."""
+    if torch.compiler.is_compiling():
+        return None
+    bad = (ids < 0) | (ids >= vocab_size)
+    if ignored is not None:
+        bad &= ids != ignored
+    return ids[bad][0].item() if bool(bad.any()) else None
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Same device type, and the same index where both name one ("cuda" matches "cuda:0")."""
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
@@ -917,14 +928,11 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 f"xLSTMModel.forward: {name} has shape {tuple(x.shape)}, expected [B, S] with S > 0"
                 + ("" if input_ids is not None else " and a last dim D")
             )
-        # A data-dependent check: skipped while torch.compile traces, where it would break the graph.
-        if input_ids is not None and not torch.compiler.is_compiling():
-            bad = (input_ids < 0) | (input_ids >= self.config.vocab_size)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"input_ids contains token id {input_ids[bad][0].item()} outside the vocabulary "
-                    f"[0, vocab_size={self.config.vocab_size})"
-                )
+        bad = _out_of_vocabulary(input_ids, self.config.vocab_size) if input_ids is not None else None
+        if bad is not None:
+            raise ValueError(
+                f"input_ids contains token id {bad} outside the vocabulary [0, vocab_size={self.config.vocab_size})"
+            )
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape[:2]):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(x.shape[:2])} (the "
@@ -1091,13 +1099,12 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
                 f"labels has shape {tuple(labels.shape)}, expected {tuple(inputs.shape[:2])} (one label per input "
                 "position, [B, S]; they are shifted inside)"
             )
-        if not torch.compiler.is_compiling():  # data-dependent, as the check of input_ids
-            bad = ((labels < 0) & (labels != -100)) | (labels >= self.config.vocab_size)
-            if bool(bad.any()):
-                raise ValueError(
-                    f"labels contains {labels[bad][0].item()}, neither a token id in [0, vocab_size="
-                    f"{self.config.vocab_size}) nor -100 (ignored)"
-                )
+        bad = _out_of_vocabulary(labels, self.config.vocab_size, ignored=-100)
+        if bad is not None:
+            raise ValueError(
+                f"labels contains {bad}, neither a token id in [0, vocab_size={self.config.vocab_size}) nor -100 "
+                "(ignored)"
+            )
 
     def _logit_cap(self) -> float | None:
         return self.config.output_logit_soft_cap if self.config.architecture == "7b" else None
@@ -1109,12 +1116,13 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
     def _logits_and_loss(
         self, h: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits [B, S, V] and the shifted LM loss of h [B, S, D]. With a plain lm_head and the default loss,
-        `LogitsLossFunction` computes both from the head's output in one pass, in float32 whatever the logits' dtype:
-        a training step makes 2 new [B * S, V] tensors instead of 6 (more in bfloat16, where the loss upcasts the
-        logits). Vocabulary 32000, 2 x 1024 tokens, 2 CPU threads: a training step of a 1-block model takes 635 - 663
-        against 865 - 870 ms and 860 against 1108 MB peak memory in float32; 468 - 479 against 1017 - 1110 ms and
-        560 - 587 against 1179 MB in bfloat16."""
+        """The logits [B, S, V] and the shifted LM loss of h [B, S, D] (the kept positions: when `logits_to_keep`
+        drops some, they no longer match the labels and the loss function gets the logits). With a plain lm_head and
+        the default loss, `LogitsLossFunction` computes both from the head's output in one pass, in float32 whatever
+        the logits' dtype: a training step makes 2 new [B * S, V] tensors instead of 6 (more in bfloat16, where the
+        loss upcasts the logits). Vocabulary 32000, 2 x 1024 tokens, 2 CPU threads: a training step of a 1-block
+        model takes 635 - 663 against 865 - 870 ms and 860 against 1108 MB peak memory in float32; 468 - 479 against
+        1017 - 1110 ms and 560 - 587 against 1179 MB in bfloat16."""
         if not (
             labels.shape == h.shape[:-1]
             and _plain_linears((self.lm_head,), h)
@@ -1217,17 +1225,12 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             cu_seq_lens_k=cu_seq_lens_k,
             **kwargs,
         )
-        h = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        loss = None
-        if labels is not None and isinstance(logits_to_keep, int) and logits_to_keep == 0:
-            logits, loss = self._logits_and_loss(h, labels, num_items_in_batch)
+        h = out.last_hidden_state[:, keep]
+        if labels is None:
+            logits, loss = self._logits(h), None
         else:
-            logits = self._logits(h[:, keep])
-        if labels is not None and loss is None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
-            )
+            logits, loss = self._logits_and_loss(h, labels, num_items_in_batch)
         result = xLSTMCausalLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return result if return_dict else result.to_tuple()
 
