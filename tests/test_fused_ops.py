@@ -9,7 +9,8 @@ from conftest import tiny_config
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 import xlstm_hf
-from xlstm_hf.fused_ops import GatedFFNFunction, LogitsLossFunction
+from xlstm_hf import fused_ops
+from xlstm_hf.fused_ops import GatedFFNFunction, LogitsLossFunction, cpu_linear, cpu_matmul
 from xlstm_hf.modeling_xlstm import GatedFeedForward, RMSNorm, soft_cap
 
 
@@ -141,11 +142,12 @@ def test_training_step_equals_module_path():
         torch.testing.assert_close(p0, p1, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("cap", [None, 30.0])
+@pytest.mark.parametrize("cap", [None, 30.0, 100.0])
 @pytest.mark.parametrize("divisor", [None, 37.0])
 def test_logits_loss_matches_autograd(cap, divisor):
     """Soft cap and cross-entropy in one function against the soft cap and transformers' ForCausalLMLoss: 300 rows
-    (two CPU row blocks of 128 and a partial one), ignored targets, a gradient reaching the logits too."""
+    (two CPU row blocks of 128 and a partial one), ignored targets, a gradient reaching the logits too. Cap 30 sums
+    the exponentials directly, cap 100 (whose exponentials could overflow) through logsumexp, as does no cap."""
     torch.manual_seed(0)
     h = torch.randn(300, 16, requires_grad=True)
     w = torch.randn(1024, 16, requires_grad=True)
@@ -161,7 +163,8 @@ def test_logits_loss_matches_autograd(cap, divisor):
     loss_ref = F.cross_entropy(logits_ref, targets, ignore_index=-100, reduction="sum" if divisor else "mean")
     loss_ref = loss_ref / divisor if divisor else loss_ref
     grads_ref = torch.autograd.grad(loss_ref + (logits_ref * dlogits).sum(), [h, w])
-    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-6)
+    # the soft cap's sigmoid form: within 4 * cap * 2^-24 of tanh's
+    torch.testing.assert_close(logits, logits_ref, atol=max(1e-5, 4 * (cap or 0) * 2**-24), rtol=1e-6)
     torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, atol=1e-6, rtol=1e-5)
@@ -278,3 +281,94 @@ def test_model_loss_in_bfloat16(mode):
         for model, refs in ((fused, reference.parameters()), (plain, reference.parameters()))
     ]
     assert errors[0] <= 2 * errors[1], errors
+
+
+needs_onednn = pytest.mark.skipif(not fused_ops._ONEDNN, reason="oneDNN matmuls are used on x86 CPUs only")
+
+
+def _grad_fn_names(t: torch.Tensor) -> str:
+    return type(t.grad_fn).__name__ if t.grad_fn is not None else ""
+
+
+def _graph_names(t: torch.Tensor) -> str:
+    """The names of every autograd node that t's graph reaches, space-separated."""
+    stack, seen, names = [t.grad_fn], set(), []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(type(fn).__name__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return " ".join(names)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_linear_matches_f_linear(bias):
+    """cpu_linear at 300 rows (oneDNN) against F.linear: output and every gradient, also through a second backward
+    (create_graph: the backward's products are then plain, differentiable ops); 3-d inputs; below 256 rows, in
+    bfloat16 and without oneDNN it is F.linear itself."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 100, 48, requires_grad=True)
+    w = torch.randn(40, 48, requires_grad=True)
+    b = torch.randn(40, requires_grad=True) if bias else None
+    params = [t for t in (x, w, b) if t is not None]
+    dy = torch.randn(3, 100, 40)
+    y, y_ref = cpu_linear(x, w, b), F.linear(x, w, b)
+    assert "LinearFunction" in _grad_fn_names(y)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(y, params, dy, create_graph=True)
+    grads_ref = torch.autograd.grad(y_ref, params, dy, create_graph=True)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    second = torch.autograd.grad(grads[0].square().sum(), [w])  # d/dw of |dy w|^2
+    second_ref = torch.autograd.grad(grads_ref[0].square().sum(), [w])
+    torch.testing.assert_close(second[0], second_ref[0], atol=1e-3, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(cpu_linear(x, w, b), y_ref, atol=1e-5, rtol=1e-5)
+    assert "LinearFunction" not in _grad_fn_names(cpu_linear(x[:, :80], w, b))  # 240 rows
+    assert "LinearFunction" not in _grad_fn_names(cpu_linear(x.bfloat16(), w.bfloat16()))
+
+
+@needs_onednn
+def test_cpu_matmul_matches_addmm(monkeypatch):
+    """cpu_matmul (a backward's dy W, with and without an added product) against torch's products, and its fallback
+    when a gradient is taken through it."""
+    torch.manual_seed(0)
+    a, w, add = torch.randn(300, 40), torch.randn(40, 48), torch.randn(300, 48)
+    torch.testing.assert_close(cpu_matmul(a, w), a @ w, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cpu_matmul(a, w, add=add), torch.addmm(add, a, w), atol=1e-5, rtol=1e-5)
+    w.requires_grad_()
+    assert cpu_matmul(a, w, add=add).grad_fn is not None
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(fused_ops, "_ONEDNN", False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or real(*args))
+    torch.testing.assert_close(cpu_matmul(a, w.detach()), a @ w.detach(), atol=0, rtol=0)
+    assert not calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("architecture", ["paper", "7b"])
+def test_model_with_and_without_onednn(architecture, monkeypatch):
+    """A model over 2 x 160 tokens (320 rows: the projections, the feed-forward and the head go through oneDNN)
+    gives the logits, loss and gradients of the same model with every product left to torch."""
+    torch.manual_seed(0)
+    config = tiny_config(architecture=architecture, output_logit_soft_cap=1.0)
+    model = xlstm_hf.xLSTMForCausalLM(config)
+    ids = torch.randint(0, config.vocab_size, (2, 160))
+    runs = []
+    for onednn in (True, False):
+        monkeypatch.setattr(fused_ops, "_ONEDNN", onednn)
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        runs.append((out.logits.detach(), out.loss.detach(), grads, "LinearFunction" in _graph_names(out.loss)))
+    (logits, loss, grads, used), (logits_ref, loss_ref, grads_ref, used_ref) = runs
+    assert used and not used_ref
+    torch.testing.assert_close(logits, logits_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, loss_ref, atol=1e-6, rtol=1e-6)
+    for (name, _), g, g_ref in zip(model.named_parameters(), grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4, msg=name)

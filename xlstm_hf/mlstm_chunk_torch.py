@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .fused_ops import _LOG2E
 from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, check_inputs, log_sigmoid
 
 
@@ -143,7 +144,9 @@ def _chunk_fwd(
     m_inter = b + m_in[..., None]  # [B, NH, NC, L]
     m_row = torch.maximum(b + w_col.cummax(-1).values, m_inter)  # [B, NH, NC, L]
     upper = torch.ones(L, L, dtype=torch.bool, device=qs.device).triu(1)
-    D = ((b - m_row)[..., :, None] + w_col[..., None, :]).masked_fill_(upper, float("-inf")).exp_()  # [.., L, L]
+    # exp2 of log2 D, scaled on the [.., L] vectors (torch.exp is slower, 8x on the masked -inf half: see _LOG2E)
+    D = ((b - m_row).mul_(_LOG2E)[..., :, None] + (w_col * _LOG2E)[..., None, :]).masked_fill_(upper, float("-inf"))
+    D = D.exp2_()  # [B, NH, NC, L, L]
     s = (qs @ k.transpose(-1, -2)).mul_(D)  # [B, NH, NC, L, L]
     e = (m_inter - m_row).exp_()  # [B, NH, NC, L] weight of the entering state
     q_inter = qs * e[..., None]  # [B, NH, NC, L, DK]

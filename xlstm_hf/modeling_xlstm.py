@@ -29,6 +29,7 @@ from .fused_ops import (
     GatedFFNFunction,
     LogitsLossFunction,
     RMSNormFunction,
+    cpu_linear,
     fresh_add,
     fresh_mul,
     rms_norm,
@@ -195,23 +196,25 @@ def _threads() -> int:
 
 
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x). For a few float32 rows on a CPU without autograd (a decoding step), a plain nn.Linear runs as one batched
-    product over P = gcd(out_features, threads) slices of its weight's rows. Decoding the CPU benchmark model at batch
-    1 (2 threads), against the module's product:
+    """m(x). A plain nn.Linear (`_plain_linears`) of many float32 rows on a CPU runs through oneDNN (`cpu_linear`).
+    For a few float32 rows on a CPU without autograd (a decoding step), it runs as one batched product over
+    P = gcd(out_features, threads) slices of its weight's rows. Decoding the CPU benchmark model at batch 1 (2
+    threads), against the module's product:
       - eager, MKL computes the slices on every thread where it computes a one-row product on one: 3.4 - 4.0 against
         3.7 - 4.1 ms per token while the weights come from memory, within 3% when they stay in cache (and at batch
         8); only for weights of 64K entries or more, as smaller ones lose more to the extra op than they gain;
       - compiled (`config.compile_decode`), inductor makes the batched one-row product its own multithreaded C++
         reduction, fused with its neighbours, where it leaves a one-row mm to MKL: 0.89 - 0.90 against 2.0 - 3.1 ms
         per token (every product split while compiling)."""
-    if torch.is_grad_enabled() or x.device.type != "cpu" or type(m) is not nn.Linear:
+    if x.device.type != "cpu" or type(m) is not nn.Linear:
         return m(x)
     K, N = m.in_features, m.out_features
     rows = x.numel() // K
+    if rows > 16 or torch.is_grad_enabled():
+        return cpu_linear(x, m.weight, m.bias) if _plain_linears((m,), x) else m(x)
     parts = math.gcd(N, _threads())
     if (
-        rows > 16
-        or parts < 2
+        parts < 2
         or N * K < (0 if torch.compiler.is_compiling() else 65536)
         or x.dtype != torch.float32
         or not m.weight.is_contiguous()
@@ -236,7 +239,7 @@ def fused_linears(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> 
     bias = None
     if any(m.bias is not None for m in linears):
         bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
-    return list(F.linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+    return list(cpu_linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
 
 
 def _apply_mask_to_gates(
@@ -1133,7 +1136,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
             )
             return logits, loss
-        z = self.lm_head(h.reshape(-1, h.shape[-1]))  # [B * S, V]
+        z = linear(self.lm_head, h.reshape(-1, h.shape[-1]))  # [B * S, V]
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(z.device)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(z.device)
