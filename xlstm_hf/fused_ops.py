@@ -200,6 +200,7 @@ class LogitsLossFunction(torch.autograd.Function):
         divisor = valid.sum() if divisor is None else divisor
         if in_place:
             ctx.mark_dirty(z)
+        ctx.set_materialize_grads(False)  # an unused logits output gets no [N, V] of zeros
         ctx.save_for_backward(y if in_place else z, lse, picked, valid)
         ctx.cap, ctx.divisor, ctx.in_place = cap, divisor, in_place
         return y, total / divisor

@@ -236,10 +236,13 @@ def fused_linears(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> 
     if x.numel() // x.shape[-1] < 64 or not _plain_linears(linears, x):
         return [linear(m, x) for m in linears]
     weight = torch.cat([m.weight for m in linears])
-    bias = None
-    if any(m.bias is not None for m in linears):
-        bias = torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears])
-    return list(cpu_linear(x, weight, bias).split([m.out_features for m in linears], dim=-1))
+    sizes = [m.out_features for m in linears]
+    if all(m.bias is not None for m in linears):
+        return list(cpu_linear(x, weight, torch.cat([m.bias for m in linears])).split(sizes, dim=-1))
+    # some biases (the 7B gates' only): added to their own outputs, not as zeros concatenated into a full-width bias
+    # whose gradient sums every column
+    outs = cpu_linear(x, weight).split(sizes, dim=-1)
+    return [y if m.bias is None else y + m.bias for m, y in zip(linears, outs, strict=True)]
 
 
 def _apply_mask_to_gates(
