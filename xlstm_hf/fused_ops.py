@@ -239,14 +239,16 @@ def rms_norm(
     """RMSNorm over the last dim with float32 statistics: y in x's dtype and 1 / rms [..., 1] in float32. Written out:
     F.rms_norm costs ~30 us on a single decode token on CPU, twice these ops."""
     xf = x if x.dtype == torch.float32 else x.float()
-    rstd = xf.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
+    rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
     y = fresh_mul((xf * rstd).to(x.dtype), weight)
     return (fresh_add(y, bias) if bias is not None else y), rstd
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """RMSNorm over the last dim with float32 statistics, the backward written out from the saved 1 / rms: forward
-    and backward take 1.0 ms against 1.5 ms through autograd on [2, 1024, 256] (2 threads)."""
+    """RMSNorm over the last dim with float32 statistics, the backward written out from the saved 1 / rms. With
+    xhat = x r (r = 1 / rms) and p = dy * x, the backward's reductions are two matrix-vector products over p:
+        dweight = sum_n r_n p_n,    c_n = r_n^3 mean_d(p_nd w_d),    dx = r dy w - c x,
+    one new [.., D] tensor and six passes over it where the written-out formula makes three and nine."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -259,15 +261,16 @@ class RMSNormFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, rstd, weight = ctx.saved_tensors
-        dyf = dy.float()
-        xhat = x.float() * rstd
-        rows = tuple(range(dy.dim() - 1))
-        dbias = dyf.sum(rows).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        dxhat = dyf * xhat
-        dweight = dxhat.sum(rows).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dxhat = torch.mul(dyf, weight.float(), out=dxhat)  # three new full-size tensors here, not five
-        proj = (dxhat * xhat).mean(-1, keepdim=True)
-        dx = dxhat.addcmul_(xhat, proj, value=-1.0).mul_(rstd).to(x.dtype)
+        D = x.shape[-1]
+        dyf, xf, wf = dy.float(), x.float(), weight.float()
+        r = rstd.reshape(-1)  # [N]
+        p = dyf * xf  # [.., D]
+        dweight = torch.mv(p.reshape(-1, D).t(), r).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        c = torch.mv(p.reshape(-1, D), wf).mul_(r.pow(3)).div_(D)  # [N]
+        dx = torch.mul(dyf, wf, out=p).mul_(rstd).addcmul_(xf, c.view(rstd.shape), value=-1.0).to(x.dtype)
+        dbias = None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            dbias = dyf.sum(tuple(range(dy.dim() - 1))).to(weight.dtype)
         return dx, dweight, dbias, None
 
 
