@@ -146,14 +146,15 @@ def test_training_step_equals_module_path():
 @pytest.mark.parametrize("divisor", [None, 37.0])
 def test_logits_loss_matches_autograd(cap, divisor):
     """Soft cap and cross-entropy in one function against the soft cap and transformers' ForCausalLMLoss: 300 rows
-    (two CPU row blocks of 128 and a partial one), ignored targets, a gradient reaching the logits too. Cap 30 sums
+    (vocabulary 4096: two CPU row blocks of 128 and a partial one), ignored targets, a gradient reaching the logits
+    too. Cap 30 sums
     the exponentials directly, cap 100 (whose exponentials could overflow) through logsumexp, as does no cap."""
     torch.manual_seed(0)
     h = torch.randn(300, 16, requires_grad=True)
-    w = torch.randn(1024, 16, requires_grad=True)
-    targets = torch.randint(0, 1024, (300,))
+    w = torch.randn(4096, 16, requires_grad=True)
+    targets = torch.randint(0, 4096, (300,))
     targets[::7] = -100
-    dlogits = torch.randn(300, 1024) * 1e-3
+    dlogits = torch.randn(300, 4096) * 1e-3
 
     logits, loss = LogitsLossFunction.apply(F.linear(h, w), targets, cap, -100, divisor)
     grads = torch.autograd.grad(loss + (logits * dlogits).sum(), [h, w])
@@ -180,8 +181,8 @@ def test_logits_loss_in_bfloat16(cap):
     and a gradient no further from the float32 computation than theirs (at most twice its error; here 0.2 - 0.7% of
     the gradient's scale against 0.2 - 0.9%, since this rounds once where they round twice)."""
     torch.manual_seed(0)
-    z = (torch.randn(300, 1024) * 3).to(torch.bfloat16)
-    targets = torch.randint(0, 1024, (300,))
+    z = (torch.randn(300, 4096) * 3).to(torch.bfloat16)  # row blocks of 128
+    targets = torch.randint(0, 4096, (300,))
     targets[::7] = -100
     z_fused, z_plain, z_ref = z.clone().requires_grad_(), z.clone().requires_grad_(), z.float().requires_grad_()
     logits, loss = LogitsLossFunction.apply(z_fused.clone(), targets, cap, -100, None)
