@@ -5,7 +5,7 @@ The tiny xLSTM-7B-style model of issue 3 (hidden 256, 4 blocks, 4 heads, vocab 1
   - training step (forward + backward of the LM loss) time at T=1024, batch 2.
 Writes benchmarks/cpu.json and benchmarks/cpu.png; the last lines printed are the figures and the ratios.
 
-    python scripts/benchmark_cpu.py [--repeats 5] [--threads N]
+    python scripts/benchmark_cpu.py [--repeats 9] [--threads N]
 """
 
 import argparse
@@ -80,7 +80,7 @@ def matmul_floor_fn(model, tokens: int, linear=torch.nn.functional.linear):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "cpu.json")
     args = parser.parse_args()
