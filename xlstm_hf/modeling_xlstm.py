@@ -86,10 +86,14 @@ class RMSNorm(LayerNorm):
 class MultiHeadLayerNorm(LayerNorm):
     """LayerNorm of every head separately: [B, NH, S, DH] -> [B, S, NH * DH], weight over NH * DH."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-head normalisation alone, before weight and bias: [B, NH, S, DH] -> [B, S, NH * DH]."""
         B, NH, S, DH = x.shape
         y = F.layer_norm(x.float(), (DH,), eps=self.eps).to(x.dtype)  # [B, NH, S, DH]
-        y = fresh_mul(y.transpose(1, 2).reshape(B, S, NH * DH), self.weight)
+        return y.transpose(1, 2).reshape(B, S, NH * DH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = fresh_mul(self.normalize(x), self.weight)
         return fresh_add(y, self.bias) if self.bias is not None else y
 
 
@@ -429,8 +433,19 @@ class mLSTM7BLayer(nn.Module):
         f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
         i, f = _apply_mask_to_gates(i, f, mask)
         h, state = mlstm_sequence(q, k, v, i, f, state, self.config, docs)  # [B, NH, S, DV]
-        h = fresh_mul(torch.sigmoid(o), self.multihead_norm(h))
-        return _dropout(self.dropout, linear(self.out_proj, h)), state
+        norm, proj = self.multihead_norm, self.out_proj
+        if (
+            (torch.is_grad_enabled() or S * B > 16)  # not a decoding step: its products are split in `linear`
+            and norm.bias is None
+            and not (norm._forward_hooks or norm._forward_pre_hooks)
+            and _plain_linears((proj,), h)
+        ):
+            # the norm's weight w folded into the projection: (gate * yhat * w) W^T = (gate * yhat) (W w)^T, a product
+            # over the [D, v_dim] weight instead of one over the activation forward and two (and a sum) backward
+            y = cpu_linear(fresh_mul(torch.sigmoid(o), norm.normalize(h)), proj.weight * norm.weight, proj.bias)
+        else:
+            y = linear(proj, fresh_mul(torch.sigmoid(o), norm(h)))
+        return _dropout(self.dropout, y), state
 
 
 class sLSTMLayer(nn.Module):
