@@ -37,6 +37,12 @@ def test_rmsnorm_matches_autograd(bias):
     torch.testing.assert_close(y_eval, y_ref, atol=1e-6, rtol=1e-6)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-5)
+    if not bias:  # without the weight (folded into the next product by the 7B block)
+        xhat = norm.normalize(x)
+        xhat_ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        torch.testing.assert_close(xhat, xhat_ref, atol=1e-6, rtol=1e-6)
+        (dx,), (dx_ref,) = torch.autograd.grad(xhat, [x], dy), torch.autograd.grad(xhat_ref, [x], dy)
+        torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

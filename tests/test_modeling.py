@@ -192,24 +192,29 @@ def test_no_grad_forward_leaves_tensors_returned_by_hooks_alone(family):
         assert torch.equal(got, want.detach())
 
 
-def test_folded_norm_weight_equals_the_modules():
-    """The 7B layer folds its multi-head norm's weight into out_proj's (training, prefill); with a hook on the norm
-    (which needs the module called) the layer runs norm and projection as modules: the same logits, loss and every
-    gradient. A decoding step (no autograd, one token) takes the module path too."""
+def test_folded_norm_weights_equal_the_modules():
+    """The 7B block folds its RMSNorms' weights into the next products (the layer's projections, the feed-forward's
+    up-projections) and the layer its multi-head norm's weight into out_proj's (training, prefill); with a hook on a
+    norm (which needs the module called) the norm runs as a module: the same logits, loss and every gradient. A
+    decoding step (no autograd, one token) takes the module path too."""
     torch.manual_seed(0)
     config = tiny_config(architecture="7b")
     models = [randomize_(xlstm_hf.xLSTMForCausalLM(config)) for _ in range(2)]
     models[1].load_state_dict(models[0].state_dict())
     for block in models[1].backbone.blocks:
-        block.mlstm_layer.multihead_norm.register_forward_pre_hook(lambda m, args: None)
-    ids = torch.randint(0, config.vocab_size, (2, 21))
-    outs = [m(ids, labels=ids) for m in models]
-    for out in outs:
-        out.loss.backward()
-    torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-6, rtol=1e-6)
-    for (name, p0), p1 in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
-        torch.testing.assert_close(p0.grad, p1.grad, atol=1e-5, rtol=1e-4, msg=name)
+        for norm in (block.norm_mlstm, block.norm_ffn, block.mlstm_layer.multihead_norm):
+            norm.register_forward_pre_hook(lambda m, args: None)
+    for S in (21, 40):  # 42 rows: the projections called one by one; 80: one product over concatenated weights
+        ids = torch.randint(0, config.vocab_size, (2, S))
+        for m in models:
+            m.zero_grad()
+        outs = [m(ids, labels=ids) for m in models]
+        for out in outs:
+            out.loss.backward()
+        torch.testing.assert_close(outs[0].logits, outs[1].logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-6, rtol=1e-6)
+        for (name, p0), p1 in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+            torch.testing.assert_close(p0.grad, p1.grad, atol=1e-5, rtol=1e-4, msg=name)
     with torch.no_grad():
         steps = [m.generate(ids[:1, :5], max_new_tokens=4, do_sample=False) for m in models]
     assert torch.equal(steps[0], steps[1])

@@ -238,11 +238,12 @@ class LogitsLossFunction(torch.autograd.Function):
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RMSNorm over the last dim with float32 statistics: y in x's dtype and 1 / rms [..., 1] in float32. Written out:
-    F.rms_norm costs ~30 us on a single decode token on CPU, twice these ops."""
+    """RMSNorm over the last dim with float32 statistics: y in x's dtype and 1 / rms [..., 1] in float32; without a
+    weight, x / rms(x). Written out: F.rms_norm costs ~30 us on a single decode token on CPU, twice these ops."""
     xf = x if x.dtype == torch.float32 else x.float()
     rstd = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-    y = fresh_mul((xf * rstd).to(x.dtype), weight)
+    y = (xf * rstd).to(x.dtype)
+    y = fresh_mul(y, weight) if weight is not None else y
     return (fresh_add(y, bias) if bias is not None else y), rstd
 
 
@@ -250,7 +251,8 @@ class RMSNormFunction(torch.autograd.Function):
     """RMSNorm over the last dim with float32 statistics, the backward written out from the saved 1 / rms. With
     xhat = x r (r = 1 / rms) and p = dy * x, the backward's reductions are two matrix-vector products over p:
         dweight = sum_n r_n p_n,    c_n = r_n^3 mean_d(p_nd w_d),    dx = r dy w - c x,
-    one new [.., D] tensor and six passes over it where the written-out formula makes three and nine."""
+    one new [.., D] tensor and six passes over it where the written-out formula makes three and nine. Without a
+    weight (folded into the next product, see `RMSNorm.normalize`), four passes."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
@@ -264,16 +266,20 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, rstd, weight = ctx.saved_tensors
         D = x.shape[-1]
-        dyf, xf, wf = dy.float(), x.float(), weight.float()
-        r = rstd.reshape(-1)  # [N]
+        dyf, xf = dy.float(), x.float()
         p = dyf * xf  # [.., D]
-        dweight = torch.mv(p.reshape(-1, D).t(), r).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        c = torch.mv(p.reshape(-1, D), wf).mul_(r.pow(3)).div_(D)  # [N]
-        dx = torch.mul(dyf, wf, out=p).mul_(rstd).addcmul_(xf, c.view(rstd.shape), value=-1.0).to(x.dtype)
+        if weight is None:  # dx = r dy - c x with c = r^3 mean_d(p_d)
+            c = p.sum(-1, keepdim=True).mul_(rstd.pow(3)).div_(D)
+            dx, dweight = torch.mul(dyf, rstd, out=p).addcmul_(xf, c, value=-1.0), None
+        else:
+            r, wf = rstd.reshape(-1), weight.float()  # [N], [D]
+            dweight = torch.mv(p.reshape(-1, D).t(), r).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            c = torch.mv(p.reshape(-1, D), wf).mul_(r.pow(3)).div_(D)  # [N]
+            dx = torch.mul(dyf, wf, out=p).mul_(rstd).addcmul_(xf, c.view(rstd.shape), value=-1.0)
         dbias = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dyf.sum(tuple(range(dy.dim() - 1))).to(weight.dtype)
-        return dx, dweight, dbias, None
+            dbias = dyf.sum(tuple(range(dy.dim() - 1))).to(dy.dtype)
+        return dx.to(x.dtype), dweight, dbias, None
 
 
 # the activation by the config's `ffn_activation`, and its backward (grad, input) written into grad (elementwise, so

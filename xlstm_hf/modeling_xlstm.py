@@ -78,9 +78,22 @@ class RMSNorm(LayerNorm):
     """RMSNorm over the last dim with float32 reductions (the xLSTM-7B norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return RMSNormFunction.apply(x, self.weight, self.bias, self.eps)
-        return rms_norm(x, self.weight, self.bias, self.eps)[0]
+        return self._norm(x, self.weight)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x / rms(x), without the weight: for a caller that folds the weight into its next products' weights
+        ((x / rms * w) W^T = (x / rms) (W w)^T), which `foldable` allows."""
+        return self._norm(x, None)
+
+    def foldable(self) -> bool:
+        """Whether a caller may use `normalize` and fold the weight: no bias, and no hook that expects the module
+        called."""
+        return self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+            return RMSNormFunction.apply(x, weight, self.bias, self.eps)
+        return rms_norm(x, weight, self.bias, self.eps)[0]
 
 
 class MultiHeadLayerNorm(LayerNorm):
@@ -231,15 +244,20 @@ def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y if m.bias is None else y.add_(m.bias)
 
 
-def fused_linears(owner: nn.Module, names: tuple[str, ...], x: torch.Tensor) -> list[torch.Tensor]:
-    """The projections `owner.<name>(x)` of one input as a single matmul over concatenated weights: one pass over x
-    instead of one per projection (the gate projections have only NH outputs each). Used only for many rows (training,
-    prefill), where concatenating the weights costs little next to the activations; a single decode step calls the
-    modules. The modules are looked up on every call (see `_plain_linears`)."""
+def fused_linears(
+    owner: nn.Module, names: tuple[str, ...], x: torch.Tensor, in_scale: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """The projections `owner.<name>(x * in_scale)` of one input as a single matmul over concatenated weights: one
+    pass over x instead of one per projection (the gate projections have only NH outputs each), with `in_scale` (a
+    norm's weight, [in_features]) folded into the weights. Used only for many rows (training, prefill), where
+    concatenating the weights costs little next to the activations; a single decode step calls the modules. The
+    modules are looked up on every call (see `_plain_linears`)."""
     linears = [getattr(owner, name) for name in names]
     if x.numel() // x.shape[-1] < 64 or not _plain_linears(linears, x):
+        x = x if in_scale is None else x * in_scale
         return [linear(m, x) for m in linears]
     weight = torch.cat([m.weight for m in linears])
+    weight = weight if in_scale is None else weight * in_scale
     sizes = [m.out_features for m in linears]
     if all(m.bias is not None for m in linears):
         return list(cpu_linear(x, weight, torch.cat([m.bias for m in linears])).split(sizes, dim=-1))
@@ -423,11 +441,18 @@ class mLSTM7BLayer(nn.Module):
         self.gate_soft_cap = config.gate_soft_cap
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: tuple | None,
+        docs: DocumentLayout | None = None,
+        in_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """x [B, S, D], times `in_scale` [D] when given (the block's norm weight, folded into the projections)."""
         B, S, _ = x.shape
         NH = self.num_heads
-        q, k, v, o, i, f = fused_linears(self, ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact"), x)
+        names = ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")
+        q, k, v, o, i, f = fused_linears(self, names, x, in_scale)
         q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
         i = soft_cap(i.float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
         f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
@@ -502,17 +527,23 @@ class GatedFeedForward(nn.Module):
         self.activation = config.ffn_activation
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., D], times `in_scale` [D] when given (the block's norm weight, folded into the up-projections)."""
         # Two products rather than one over concatenated weights: the fused [B, S, 2 H] output is large enough that its
         # fresh pages cost more than the second pass over x (training step 304 against 311 ms, 5.5k fewer page faults)
         linears = (self.proj_up_gate, self.proj_up, self.proj_down)
+        fused = torch.is_grad_enabled() and _plain_linears(linears, x) and not torch.is_autocast_enabled(x.device.type)
+        if in_scale is not None and not fused:
+            x = fresh_mul(x, in_scale)
         if not torch.is_grad_enabled():
             # in place only over a product that no hook can have handed in
             plain = _plain_linears((self.proj_up_gate,), x)
             act = FFN_ACTIVATIONS_INPLACE[self.activation] if plain else FFN_ACTIVATIONS[self.activation]
             y = linear(self.proj_down, fresh_mul(act(linear(self.proj_up_gate, x)), linear(self.proj_up, x)))
-        elif _plain_linears(linears, x) and not torch.is_autocast_enabled(x.device.type):
+        elif fused:
             weights = [t for m in linears for t in (m.weight, m.bias)]
+            if in_scale is not None:
+                weights[0], weights[2] = weights[0] * in_scale, weights[2] * in_scale
             keep = x.device.type == "cpu"  # see GatedFFNFunction
             y = GatedFFNFunction.apply(x.reshape(-1, x.shape[-1]), *weights, self.activation, keep)
             y = y.view(*x.shape[:-1], -1)
@@ -536,6 +567,7 @@ class xLSTMBlock(GradientCheckpointingLayer):
         else:
             self.norm_mlstm = norm(config.hidden_size, config.norm_eps, bias=bias)
             self.mlstm_layer = mLSTM7BLayer(config) if config.architecture == "7b" else mLSTMLayer(config)
+        self.fold_norms = config.architecture == "7b"  # RMSNorm before the 7B layer and the feed-forward
         if block_type == "s" or config.architecture == "7b":
             self.norm_ffn = norm(config.hidden_size, config.norm_eps, bias=bias)
             self.ffn = GatedFeedForward(config)
@@ -551,12 +583,26 @@ class xLSTMBlock(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         if self.block_type == "s":
             y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state, docs)
+        elif self._fold(self.norm_mlstm, hidden_states):
+            x = self.norm_mlstm.normalize(hidden_states)
+            y, state = self.mlstm_layer(x, mask, state, docs, in_scale=self.norm_mlstm.weight)
         else:
             y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state, docs)
         hidden_states = hidden_states + y
-        if self.ffn is not None:
-            hidden_states = hidden_states + self.ffn(self.norm_ffn(hidden_states))
-        return hidden_states, state
+        if self.ffn is None:
+            return hidden_states, state
+        if self._fold(self.norm_ffn, hidden_states):
+            y = self.ffn(self.norm_ffn.normalize(hidden_states), in_scale=self.norm_ffn.weight)
+        else:
+            y = self.ffn(self.norm_ffn(hidden_states))
+        return hidden_states + y, state
+
+    def _fold(self, norm: nn.Module, x: torch.Tensor) -> bool:
+        """Whether the xLSTM-7B norm's weight goes into the next products' weights instead of over the activation:
+        training and prefill (a decoding step keeps its products as they are, see `linear`). The norm's backward
+        then makes four passes instead of six and no weight gradient of its own (that comes from the [out, D]
+        product of the fold)."""
+        return self.fold_norms and norm.foldable() and (torch.is_grad_enabled() or x.numel() // x.shape[-1] > 16)
 
 
 def _out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
