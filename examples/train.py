@@ -380,6 +380,11 @@ def main() -> None:
         print(f"sample:\n{generate_sample(trainer.model, tokenizer, args)}")
         if args.push_to_repo:
             push(training_args, args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # every rank waits for the main one, then the process group is torn down before exit: a rank that exited
+        # with it alive was killed by SIGABRT ("terminate called without an active exception") now and then
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def push(training_args: TrainingArguments, args: ScriptArguments) -> None:
