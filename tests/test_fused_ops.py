@@ -336,6 +336,9 @@ def test_cpu_linear_matches_f_linear(bias):
         torch.testing.assert_close(cpu_linear(x, w, b), y_ref, atol=1e-5, rtol=1e-5)
     assert "LinearFunction" not in _grad_fn_names(cpu_linear(x[:, :80], w, b))  # 240 rows
     assert "LinearFunction" not in _grad_fn_names(cpu_linear(x.bfloat16(), w.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's cast, as F.linear gets it
+        assert cpu_linear(x, w, b).dtype == F.linear(x, w, b).dtype == torch.bfloat16
+        assert cpu_matmul(x.detach().reshape(-1, 48), w.detach().t()).dtype == torch.bfloat16
     frozen = w.detach()  # a frozen weight (as under PEFT): only x gets a gradient
     (dx,) = torch.autograd.grad(cpu_linear(x, frozen, b), [x], dy)
     torch.testing.assert_close(dx, grads_ref[0], atol=1e-5, rtol=1e-5)

@@ -37,14 +37,15 @@ _ONEDNN_MIN_ROWS = 256  # below this the two libraries are within 5%
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether x @ weight^T runs through oneDNN: float32 on a CPU, at least 256 rows, and not inside torch.compile
-    (which chooses its own kernels)."""
+    """Whether x @ weight^T runs through oneDNN: float32 on a CPU, at least 256 rows, not under autocast (which casts
+    F.linear's inputs) and not inside torch.compile (which chooses its own kernels)."""
     return (
         _ONEDNN
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
+        and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
     )
 
