@@ -220,6 +220,30 @@ def test_folded_norm_weights_equal_the_modules():
     assert torch.equal(steps[0], steps[1])
 
 
+@pytest.mark.parametrize("family", ["paper_mixed", "7b"])
+def test_torch_func_grad_and_per_sample_vmap(family):
+    """torch.func transforms (the package's autograd functions define no setup_context, so the model runs the plain
+    formulas under them): grad equals autograd's gradients, and vmap(grad) gives each sample's own gradient."""
+    from torch.func import functional_call, grad, vmap
+
+    model = make(family)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    ids = torch.randint(0, 97, (3, 11))
+
+    def loss(p, x):
+        return functional_call(model, p, (x,), {"labels": x}).loss
+
+    grads = grad(loss)(params, ids)
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+    per_sample = vmap(grad(lambda p, x: loss(p, x[None])), in_dims=(None, 0))(params, ids)
+    one = grad(loss)(params, ids[1:2])
+    for name in params:
+        torch.testing.assert_close(per_sample[name][1], one[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_tied_embeddings_and_resize(tmp_path):
     model = xlstm_hf.xLSTMForCausalLM(tiny_config(tie_word_embeddings=True))
     assert model.lm_head.weight is model.backbone.embeddings.weight

@@ -47,7 +47,14 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
         and not torch.is_autocast_enabled("cpu")
         and not torch.compiler.is_compiling()
+        and not functorch_active()
     )
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The autograd functions of this package
+    define no setup_context, which those transforms need, so the model then runs the plain autograd formulas."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
@@ -152,6 +159,8 @@ def soft_cap(x: torch.Tensor, cap: float | None, fresh: bool = False) -> torch.T
     here and may be overwritten when autograd is off."""
     if cap is None:
         return x
+    if functorch_active():
+        return (cap * torch.tanh(x.float() / cap)).to(x.dtype)
     if torch.is_grad_enabled() and x.requires_grad:
         return SoftCapFunction.apply(x, cap)
     return _soft_cap(x, cap, fresh and not torch.is_grad_enabled()).to(x.dtype)

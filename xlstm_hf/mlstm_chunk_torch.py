@@ -23,8 +23,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fused_ops import _LOG2E
-from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, check_inputs, log_sigmoid
+from .fused_ops import _LOG2E, functorch_active
+from .mlstm_naive import (
+    _MIN_M_FOR_FLOOR,
+    MASKED_IGATE,
+    MLSTMState,
+    _initial_state,
+    check_inputs,
+    log_sigmoid,
+    mlstm_chunkwise,
+)
 
 
 def _normaliser_grads(
@@ -341,6 +349,8 @@ def mlstm_chunkwise_torch(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     DK = q.shape[-1]
     scale = DK**-0.5 if scale is None else scale
+    if functorch_active():  # the autograd reference (see `fused_ops.functorch_active`)
+        return mlstm_chunkwise(q, k, v, i, f, initial_state, chunk_size, eps, scale, empty_m)
     C0, n0, m0 = _initial_state(initial_state, q, v, empty_m)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, C0, n0, m0)):
         h, C, n, m = ChunkMLSTMTorchFunction.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)

@@ -32,6 +32,7 @@ from .fused_ops import (
     cpu_linear,
     fresh_add,
     fresh_mul,
+    functorch_active,
     rms_norm,
     soft_cap,
 )
@@ -91,6 +92,11 @@ class RMSNorm(LayerNorm):
         return self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        if functorch_active():  # the plain autograd formula (see `functorch_active`)
+            xf = x.float()
+            y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+            y = y * weight if weight is not None else y
+            return y + self.bias if self.bias is not None else y
         if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
             return RMSNormFunction.apply(x, weight, self.bias, self.eps)
         return rms_norm(x, weight, self.bias, self.eps)[0]
@@ -532,7 +538,12 @@ class GatedFeedForward(nn.Module):
         # Two products rather than one over concatenated weights: the fused [B, S, 2 H] output is large enough that its
         # fresh pages cost more than the second pass over x (training step 304 against 311 ms, 5.5k fewer page faults)
         linears = (self.proj_up_gate, self.proj_up, self.proj_down)
-        fused = torch.is_grad_enabled() and _plain_linears(linears, x) and not torch.is_autocast_enabled(x.device.type)
+        fused = (
+            torch.is_grad_enabled()
+            and _plain_linears(linears, x)
+            and not torch.is_autocast_enabled(x.device.type)
+            and not functorch_active()
+        )
         if in_scale is not None and not fused:
             x = fresh_mul(x, in_scale)
         if not torch.is_grad_enabled():
@@ -607,8 +618,8 @@ class xLSTMBlock(GradientCheckpointingLayer):
 
 def _out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
     """The first id outside [0, vocab_size) (other than `ignored`), or None. A data-dependent check: skipped while
-    torch.compile traces, where it would break the graph."""
-    if torch.compiler.is_compiling():
+    torch.compile traces, where it would break the graph, and under torch.func.vmap, which cannot take it."""
+    if torch.compiler.is_compiling() or functorch_active():
         return None
     bad = (ids < 0) | (ids >= vocab_size)
     if ignored is not None:
@@ -1194,6 +1205,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             labels.shape == h.shape[:-1]
             and _plain_linears((self.lm_head,), h)
             and self.loss_function is ForCausalLMLoss
+            and not functorch_active()
         ):
             logits = self._logits(h)
             loss = self.loss_function(
