@@ -244,6 +244,23 @@ def test_torch_func_grad_and_per_sample_vmap(family):
         torch.testing.assert_close(per_sample[name][1], one[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_offloaded_weights_are_loaded_by_their_hooks(family):
+    """accelerate's cpu_offload leaves meta weights that its hooks load when a module is called: the model calls
+    every hooked module (norms whose weight it would otherwise fold, projections it would otherwise bypass) and gives
+    the logits of the same model in memory, over enough rows for the fused products (2 x 40 tokens)."""
+    accelerate = pytest.importorskip("accelerate")
+    model = make(family)
+    ids = torch.randint(0, 97, (2, 40))
+    with torch.no_grad():
+        ref = model(ids).logits
+    offloaded = xlstm_hf.xLSTMForCausalLM(model.config).eval()
+    offloaded.load_state_dict(model.state_dict())
+    accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    assert any(p.device.type == "meta" for p in offloaded.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(offloaded(ids).logits, ref, atol=1e-4, rtol=1e-4)
+
+
 def test_tied_embeddings_and_resize(tmp_path):
     model = xlstm_hf.xLSTMForCausalLM(tiny_config(tie_word_embeddings=True))
     assert model.lm_head.weight is model.backbone.embeddings.weight

@@ -88,8 +88,8 @@ class RMSNorm(LayerNorm):
 
     def foldable(self) -> bool:
         """Whether a caller may use `normalize` and fold the weight: no bias, and no hook that expects the module
-        called."""
-        return self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
+        called (an accelerate hook loads offloaded weights in it)."""
+        return self.bias is None and not _hooked(self)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         if functorch_active():  # the plain autograd formula (see `functorch_active`)
@@ -178,7 +178,7 @@ class CausalConv1d(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(B, self.kernel_size - 1, D)
         xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, KS - 1 + S, D]
-        y = F.conv1d(xs.transpose(1, 2), self.conv.weight, self.conv.bias, groups=D).transpose(1, 2)
+        y = self.conv(xs.transpose(1, 2)).transpose(1, 2)  # the module (no padding): its hooks load offloaded weights
         return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :].contiguous()
 
 
@@ -199,16 +199,15 @@ class HeadwiseLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether m has an accelerate hook (which may load offloaded weights when m is called) or forward hooks."""
+    return hasattr(m, "_hf_hook") or bool(m._forward_hooks or m._forward_pre_hooks)
+
+
 def _plain_linears(linears: tuple[nn.Module, ...] | list[nn.Module], x: torch.Tensor) -> bool:
     """Whether these modules may be bypassed by using their weights directly: plain nn.Linear of x's dtype, without an
     accelerate hook or forward hooks. PEFT adapters, offloaded weights and hooked modules are called as modules."""
-    return all(
-        type(m) is nn.Linear
-        and m.weight.dtype == x.dtype
-        and not hasattr(m, "_hf_hook")
-        and not (m._forward_hooks or m._forward_pre_hooks)
-        for m in linears
-    )
+    return all(type(m) is nn.Linear and m.weight.dtype == x.dtype and not _hooked(m) for m in linears)
 
 
 @torch.compiler.assume_constant_result
@@ -468,7 +467,7 @@ class mLSTM7BLayer(nn.Module):
         if (
             (torch.is_grad_enabled() or S * B > 16)  # not a decoding step: its products are split in `linear`
             and norm.bias is None
-            and not (norm._forward_hooks or norm._forward_pre_hooks)
+            and not _hooked(norm)
             and _plain_linears((proj,), h)
         ):
             # the norm's weight w folded into the projection: (gate * yhat * w) W^T = (gate * yhat) (W w)^T, a product
