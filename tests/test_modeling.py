@@ -204,6 +204,9 @@ def test_folded_norm_weights_equal_the_modules():
     for block in models[1].backbone.blocks:
         for norm in (block.norm_mlstm, block.norm_ffn, block.mlstm_layer.multihead_norm):
             norm.register_forward_pre_hook(lambda m, args: None)
+    seen = []  # a hook on the layer sees its input with the norm's weight, as the module path gives it
+    models[0].backbone.blocks[0].mlstm_layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    models[1].backbone.blocks[0].mlstm_layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
     for S in (21, 40):  # 42 rows: the projections called one by one; 80: one product over concatenated weights
         ids = torch.randint(0, config.vocab_size, (2, S))
         for m in models:
@@ -215,6 +218,7 @@ def test_folded_norm_weights_equal_the_modules():
         torch.testing.assert_close(outs[0].loss, outs[1].loss, atol=1e-6, rtol=1e-6)
         for (name, p0), p1 in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
             torch.testing.assert_close(p0.grad, p1.grad, atol=1e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(seen[-2], seen[-1], atol=1e-6, rtol=1e-6)
     with torch.no_grad():
         steps = [m.generate(ids[:1, :5], max_new_tokens=4, do_sample=False) for m in models]
     assert torch.equal(steps[0], steps[1])

@@ -593,7 +593,7 @@ class xLSTMBlock(GradientCheckpointingLayer):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         if self.block_type == "s":
             y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state, docs)
-        elif self._fold(self.norm_mlstm, hidden_states):
+        elif self._fold(self.norm_mlstm, self.mlstm_layer, hidden_states):
             x = self.norm_mlstm.normalize(hidden_states)
             y, state = self.mlstm_layer(x, mask, state, docs, in_scale=self.norm_mlstm.weight)
         else:
@@ -601,18 +601,23 @@ class xLSTMBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + y
         if self.ffn is None:
             return hidden_states, state
-        if self._fold(self.norm_ffn, hidden_states):
+        if self._fold(self.norm_ffn, self.ffn, hidden_states):
             y = self.ffn(self.norm_ffn.normalize(hidden_states), in_scale=self.norm_ffn.weight)
         else:
             y = self.ffn(self.norm_ffn(hidden_states))
         return hidden_states + y, state
 
-    def _fold(self, norm: nn.Module, x: torch.Tensor) -> bool:
+    def _fold(self, norm: nn.Module, consumer: nn.Module, x: torch.Tensor) -> bool:
         """Whether the xLSTM-7B norm's weight goes into the next products' weights instead of over the activation:
-        training and prefill (a decoding step keeps its products as they are, see `linear`). The norm's backward
-        then makes four passes instead of six and no weight gradient of its own (that comes from the [out, D]
-        product of the fold)."""
-        return self.fold_norms and norm.foldable() and (torch.is_grad_enabled() or x.numel() // x.shape[-1] > 16)
+        training and prefill (a decoding step keeps its products as they are, see `linear`), and no hook on the
+        consumer, which would see its input without the weight. The norm's backward then makes four passes instead
+        of six and no weight gradient of its own (that comes from the [out, D] product of the fold)."""
+        return (
+            self.fold_norms
+            and norm.foldable()
+            and not _hooked(consumer)
+            and (torch.is_grad_enabled() or x.numel() // x.shape[-1] > 16)
+        )
 
 
 def _out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
