@@ -61,6 +61,15 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x weight^T (+ bias) (+ add) by oneDNN's matmul, without autograd."""
+    if add is None:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
+
+
 class LinearFunction(torch.autograd.Function):
     """F.linear with the forward and dL/dx through oneDNN and dL/dW through MKL (see `_ONEDNN`). Its backward is
     differentiable: under create_graph it runs plain, differentiable products."""
@@ -69,7 +78,7 @@ class LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return _onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, dy):
@@ -88,7 +97,7 @@ def cpu_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         return F.linear(x, weight, bias)
     if _needs_grad(x, weight, bias):
         return LinearFunction.apply(x, weight, bias)
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return _onednn_linear(x, weight, bias)
 
 
 def cpu_matmul(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,9 +105,7 @@ def cpu_matmul(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None
     dL/dx = dy W); else plain, differentiable ops."""
     if not _use_onednn(a, b) or _needs_grad(a, b, add):
         return a @ b if add is None else torch.addmm(add, a, b)
-    if add is None:
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(a, add, b.t(), None, "add")
+    return _onednn_linear(a, b.t(), add=add)
 
 
 def _writable(fresh: torch.Tensor, other: torch.Tensor) -> bool:
