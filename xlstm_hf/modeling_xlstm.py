@@ -74,6 +74,11 @@ class LayerNorm(nn.Module):
         y = fresh_mul(F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype), self.weight)
         return fresh_add(y, self.bias) if self.bias is not None else y
 
+    def foldable(self) -> bool:
+        """Whether a caller may use the subclass's `normalize` and fold the weight into its next product: no bias, and
+        no hook that expects the module called (an accelerate hook loads offloaded weights in it)."""
+        return self.bias is None and not _hooked(self)
+
 
 class RMSNorm(LayerNorm):
     """RMSNorm over the last dim with float32 reductions (the xLSTM-7B norm)."""
@@ -85,11 +90,6 @@ class RMSNorm(LayerNorm):
         """x / rms(x), without the weight: for a caller that folds the weight into its next products' weights
         ((x / rms * w) W^T = (x / rms) (W w)^T), which `foldable` allows."""
         return self._norm(x, None)
-
-    def foldable(self) -> bool:
-        """Whether a caller may use `normalize` and fold the weight: no bias, and no hook that expects the module
-        called (an accelerate hook loads offloaded weights in it)."""
-        return self.bias is None and not _hooked(self)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         if functorch_active():  # the plain autograd formula (see `functorch_active`)
@@ -217,6 +217,12 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _decoding_step(x: torch.Tensor) -> bool:
+    """Whether x [..., D] is a decoding step's input: at most 16 rows and no autograd, whose products `linear`
+    splits (so they are left as they are, not folded or fused)."""
+    return not torch.is_grad_enabled() and x.numel() // x.shape[-1] <= 16
+
+
 def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """m(x). A plain nn.Linear (`_plain_linears`) of many float32 rows on a CPU runs through oneDNN (`cpu_linear`).
     For a few float32 rows on a CPU without autograd (a decoding step), it runs as one batched product over
@@ -230,10 +236,10 @@ def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
         per token (every product split while compiling)."""
     if x.device.type != "cpu" or type(m) is not nn.Linear:
         return m(x)
+    if not _decoding_step(x):
+        return cpu_linear(x, m.weight, m.bias) if _plain_linears((m,), x) else m(x)
     K, N = m.in_features, m.out_features
     rows = x.numel() // K
-    if rows > 16 or torch.is_grad_enabled():
-        return cpu_linear(x, m.weight, m.bias) if _plain_linears((m,), x) else m(x)
     parts = math.gcd(N, _threads())
     if (
         parts < 2
@@ -464,12 +470,7 @@ class mLSTM7BLayer(nn.Module):
         i, f = _apply_mask_to_gates(i, f, mask)
         h, state = mlstm_sequence(q, k, v, i, f, state, self.config, docs)  # [B, NH, S, DV]
         norm, proj = self.multihead_norm, self.out_proj
-        if (
-            (torch.is_grad_enabled() or S * B > 16)  # not a decoding step: its products are split in `linear`
-            and norm.bias is None
-            and not _hooked(norm)
-            and _plain_linears((proj,), h)
-        ):
+        if not _decoding_step(x) and norm.foldable() and _plain_linears((proj,), h):
             # the norm's weight w folded into the projection: (gate * yhat * w) W^T = (gate * yhat) (W w)^T, a product
             # over the [D, v_dim] weight instead of one over the activation forward and two (and a sum) backward
             y = cpu_linear(fresh_mul(torch.sigmoid(o), norm.normalize(h)), proj.weight * norm.weight, proj.bias)
@@ -612,12 +613,7 @@ class xLSTMBlock(GradientCheckpointingLayer):
         training and prefill (a decoding step keeps its products as they are, see `linear`), and no hook on the
         consumer, which would see its input without the weight. The norm's backward then makes four passes instead
         of six and no weight gradient of its own (that comes from the [out, D] product of the fold)."""
-        return (
-            self.fold_norms
-            and norm.foldable()
-            and not _hooked(consumer)
-            and (torch.is_grad_enabled() or x.numel() // x.shape[-1] > 16)
-        )
+        return self.fold_norms and norm.foldable() and not _hooked(consumer) and not _decoding_step(x)
 
 
 def _out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
