@@ -92,12 +92,8 @@ class RMSNorm(LayerNorm):
         return self._norm(x, None)
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        if functorch_active():  # the plain autograd formula (see `functorch_active`)
-            xf = x.float()
-            y = (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype)
-            y = y * weight if weight is not None else y
-            return y + self.bias if self.bias is not None else y
-        if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
+        if needs_grad and not functorch_active():  # under torch.func, autograd through rms_norm's ops
             return RMSNormFunction.apply(x, weight, self.bias, self.eps)
         return rms_norm(x, weight, self.bias, self.eps)[0]
 
