@@ -80,8 +80,8 @@ def cpu_weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class LinearFunction(torch.autograd.Function):
-    """F.linear with the forward and dL/dx through oneDNN and dL/dW by `cpu_weight_grad` (see `_ONEDNN`). Its
-    backward is differentiable: under create_graph it runs plain, differentiable products."""
+    """F.linear with the forward and dL/dx through oneDNN and dL/dW by `cpu_weight_grad` (see `_ONEDNN`). Its backward is
+    differentiable: under create_graph it runs plain, differentiable products."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
