@@ -351,33 +351,6 @@ def test_cpu_matmul_matches_addmm(monkeypatch):
 
 
 @needs_onednn
-def test_cpu_weight_grad_matches_mm(monkeypatch):
-    """cpu_weight_grad (dL/dW = dy^T x) against torch's product: through oneDNN for 512 input features and more, by
-    MKL below that and when a gradient is taken through it; and the feed-forward's down-projection gradient (512
-    hidden features, 300 rows) through it against autograd."""
-    torch.manual_seed(0)
-    real = fused_ops._onednn_linear
-    calls = []
-    monkeypatch.setattr(fused_ops, "_onednn_linear", lambda *args, **kw: calls.append(args) or real(*args, **kw))
-    dy, x = torch.randn(300, 24), torch.randn(300, 512)
-    torch.testing.assert_close(fused_ops.cpu_weight_grad(dy, x), dy.t() @ x, atol=1e-4, rtol=1e-5)
-    assert len(calls) == 1 and calls[0][0].is_contiguous() and calls[0][0].shape == (24, 300)
-    calls.clear()
-    small = torch.randn(300, 40)
-    torch.testing.assert_close(fused_ops.cpu_weight_grad(dy, small), dy.t() @ small, atol=0, rtol=0)
-    assert fused_ops.cpu_weight_grad(dy.requires_grad_(), x).grad_fn is not None and not calls
-    gate, up, down = torch.nn.Linear(16, 512), torch.nn.Linear(16, 512), torch.nn.Linear(512, 12)
-    xin, dout = torch.randn(300, 16, requires_grad=True), torch.randn(300, 12)
-    params = [xin, *gate.parameters(), *up.parameters(), *down.parameters()]
-    weights = [t for m in (gate, up, down) for t in (m.weight, m.bias)]
-    grads = torch.autograd.grad(GatedFFNFunction.apply(xin, *weights, "silu", True), params, dout)
-    assert any(args[0].shape == (12, 300) for args in calls)  # the down-projection's weight gradient
-    grads_ref = torch.autograd.grad(down(F.silu(gate(xin)) * up(xin)), params, dout)
-    for g, g_ref in zip(grads, grads_ref, strict=True):
-        torch.testing.assert_close(g, g_ref, atol=1e-4, rtol=1e-5)
-
-
-@needs_onednn
 @pytest.mark.parametrize("architecture", ["paper", "7b"])
 def test_model_with_and_without_onednn(architecture, monkeypatch):
     """A model over 2 x 160 tokens (320 rows: the projections, the feed-forward and the head go through oneDNN)

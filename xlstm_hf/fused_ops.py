@@ -70,17 +70,8 @@ def _onednn_linear(
     return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
 
 
-def cpu_weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dL/dW = dy^T x for dy [N, out] and x [N, in]: through oneDNN over a transposed copy of dy when `in` is at least
-    512 (oneDNN takes dy^T contiguous, x^T as a view: 3.3 against MKL's 4.2 ms at N = 2048, out 256, in 704, where the
-    copy costs 0.3 ms; below in = 512 the copy costs more than oneDNN gains), else MKL's."""
-    if x.shape[-1] < 512 or not _use_onednn(x, dy) or _needs_grad(dy, x):
-        return dy.t() @ x
-    return _onednn_linear(dy.t().contiguous(), x.t())
-
-
 class LinearFunction(torch.autograd.Function):
-    """F.linear with the forward and dL/dx through oneDNN and dL/dW by `cpu_weight_grad` (see `_ONEDNN`). Its backward is
+    """F.linear with the forward and dL/dx through oneDNN and dL/dW through MKL (see `_ONEDNN`). Its backward is
     differentiable: under create_graph it runs plain, differentiable products."""
 
     @staticmethod
@@ -95,7 +86,7 @@ class LinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dy2 = dy.reshape(-1, dy.shape[-1])  # [N, out]
         dx = cpu_matmul(dy, weight) if needs[0] else None
-        dweight = cpu_weight_grad(dy2, x.reshape(-1, x.shape[-1])) if needs[1] else None
+        dweight = dy2.t() @ x.reshape(-1, x.shape[-1]) if needs[1] else None
         dbias = dy2.sum(0) if ctx.has_bias and needs[2] else None
         return dx, dweight, dbias
 
@@ -357,7 +348,7 @@ class GatedFFNFunction(torch.autograd.Function):
         else:
             a = act(g)
             p = a * u
-        dwd = cpu_weight_grad(dy, p) if needs[5] else None
+        dwd = dy.t() @ p if needs[5] else None
         da = cpu_matmul(dy, wd)  # [N, H]
         du = da * a if kept else torch.mul(da, a, out=p)  # saved tensors stay intact for a second backward
         dg = FFN_BACKWARDS_INPLACE[ctx.activation](da.mul_(u), g)  # into da, which nothing else holds
