@@ -31,7 +31,7 @@ import xlstm_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
-from benchmark_cpu import builtin_model  # noqa: E402
+from benchmark_cpu import builtin_model, train_step_fn  # noqa: E402
 
 
 def package_at(revision: str, into: Path):
@@ -46,15 +46,6 @@ def package_at(revision: str, into: Path):
     return importlib.import_module("xlstm_hf_base")
 
 
-def train_step(model, ids):
-    def run():
-        model.train()
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids, use_cache=False).loss.backward()
-
-    return run
-
-
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(values, n=4)
     return q[0], statistics.median(values), q[2]
@@ -66,6 +57,8 @@ def main():
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps must be at least 2 (paired quartiles), got {args.steps}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -78,7 +71,7 @@ def main():
     ids = torch.randint(0, new.config.vocab_size, (2, 1024))
     with torch.no_grad():
         diff = (base(ids[:, :256]).logits - new(ids[:, :256]).logits).abs().max().item()
-    steps = {"base": train_step(base, ids), "new": train_step(new, ids), "theirs": train_step(theirs, ids)}
+    steps = {"base": train_step_fn(base, ids), "new": train_step_fn(new, ids), "theirs": train_step_fn(theirs, ids)}
     for fn in steps.values():
         fn()
         fn()
