@@ -180,6 +180,19 @@ def test_logits_loss_matches_autograd(cap, divisor):
     _, nan_loss = LogitsLossFunction.apply(F.linear(h, w), all_ignored, cap, -100, None)
     assert torch.isnan(nan_loss)  # as F.cross_entropy's mean over no targets
 
+    # the model's [B, S, V] logits: the same figures in its shape, and never a view (FSDP2 warns of a module's view
+    # output), also from a z that is one (F.linear with a bias over 3 dims returns a view; written into a copy)
+    for bias in (None, torch.zeros(4096)):
+        z3 = F.linear(h.view(3, 100, 16), w, bias)
+        assert (z3._base is not None) == (bias is not None)
+        logits3, loss3 = LogitsLossFunction.apply(z3, targets, cap, -100, divisor)
+        assert logits3.shape == (3, 100, 4096) and logits3._base is None
+        torch.testing.assert_close(logits3.view(300, -1), logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(loss3, loss, atol=1e-6, rtol=0)
+        grads3 = torch.autograd.grad(loss3 + (logits3 * dlogits.view(3, 100, -1)).sum(), [h, w])
+        for g, g3 in zip(grads, grads3, strict=True):
+            torch.testing.assert_close(g3, g, atol=1e-6, rtol=1e-6)
+
 
 @pytest.mark.parametrize("cap", [None, 1.0, 30.0])
 def test_logits_loss_in_bfloat16(cap):
@@ -312,6 +325,7 @@ def test_cpu_linear_matches_f_linear(bias):
     dy = torch.randn(3, 100, 40)
     y, y_ref = cpu_linear(x, w, b), F.linear(x, w, b)
     assert "LinearFunction" in _grad_fn_names(y)
+    assert y._base is None  # oneDNN's op returns a view of its [N, out] result; a module's view output FSDP2 warns of
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     grads = torch.autograd.grad(y, params, dy, create_graph=True)
     grads_ref = torch.autograd.grad(y_ref, params, dy, create_graph=True)
@@ -322,6 +336,8 @@ def test_cpu_linear_matches_f_linear(bias):
     torch.testing.assert_close(second[0], second_ref[0], atol=1e-3, rtol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(cpu_linear(x, w, b), y_ref, atol=1e-5, rtol=1e-5)
+        add = torch.randn(3, 100, 40)
+        torch.testing.assert_close(cpu_matmul(x, w.t(), add=add), x @ w.t() + add, atol=1e-5, rtol=1e-5)
     assert "LinearFunction" not in _grad_fn_names(cpu_linear(x[:, :80], w, b))  # 240 rows
     assert "LinearFunction" not in _grad_fn_names(cpu_linear(x.bfloat16(), w.bfloat16()))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's cast, as F.linear gets it

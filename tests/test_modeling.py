@@ -100,6 +100,31 @@ def test_default_use_cache_trains(family):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
+def test_no_module_fsdp_wraps_returns_a_view_requiring_grad(family):
+    """FSDP2 wraps every block (`_no_split_modules`) and the root, and warns when one returns a view that requires
+    grad (an in-place op on it would skip the pre-backward hook). Without a cache the blocks return no state (their
+    kernels' final states are views of the kernels' buffers), and the LM's logits are never a view, with labels (the
+    fused loss) or without; with a cache the states still reach it."""
+    from torch.distributed.fsdp._common_utils import collect_grad_tensors
+
+    model = make(family).train()
+    views = []
+
+    def record(module, args, output):
+        views.extend((type(module).__name__, tuple(t.shape)) for t in collect_grad_tensors(output) if t._base is not None)
+
+    for module in model.modules():
+        if type(module).__name__ in model._no_split_modules or module is model:
+            module.register_forward_hook(record)
+    ids = torch.randint(0, 97, (2, 12))
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    model(ids, use_cache=False)
+    assert views == []
+    out = model(ids, labels=ids, use_cache=True)
+    assert all(state is not None for state in out.cache.states)
+    out.loss.backward()
+
+
 def test_truncated_bptt_with_detached_cache():
     model = make("paper_mixed").train()
     ids = torch.randint(0, 97, (2, 16))

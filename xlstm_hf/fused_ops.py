@@ -64,10 +64,16 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
 def _onednn_linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, add: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """x weight^T (+ bias) (+ add) by oneDNN's matmul, without autograd."""
+    """x weight^T (+ bias) (+ add) by oneDNN's matmul, without autograd. The product runs over x's rows [N, K] and its
+    result takes x's leading dims by an untracked view, as aten's matmul does: oneDNN's op would return a view of it,
+    and a view cannot be written in place by an autograd function (the logits loss) nor returned by a module under
+    FSDP2 without its warning."""
+    x2 = x.reshape(-1, x.shape[-1])
     if add is None:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise.binary(x, add, weight, bias, "add")
+        y = torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "")
+    else:
+        y = torch.ops.mkldnn._linear_pointwise.binary(x2, add.reshape(-1, add.shape[-1]), weight, bias, "add")
+    return y if x.dim() == 2 else torch.ops.aten._unsafe_view(y, (*x.shape[:-1], y.shape[-1]))
 
 
 class LinearFunction(torch.autograd.Function):
@@ -185,11 +191,11 @@ def _row_blocks(x: torch.Tensor) -> list[slice]:
 
 
 class LogitsLossFunction(torch.autograd.Function):
-    """The logits y = cap * tanh(z / cap) (y = z without a cap) of the lm_head output z [N, V] and their cross-entropy
-    against targets [N] (`ignore_index` ignored), averaged over the counted targets or, with `divisor`, summed and
-    divided by it: ``transformers.loss_utils.ForCausalLMLoss`` of the soft-capped logits, with the same float32
-    arithmetic over logits in z's dtype. Returns y in z's dtype (z itself, written in place, when it is float32 or
-    there is no cap) and the float32 loss.
+    """The logits y = cap * tanh(z / cap) (y = z without a cap) of the lm_head output z [..., V] (N positions) and
+    their cross-entropy against targets [N] (`ignore_index` ignored), averaged over the counted targets or, with
+    `divisor`, summed and divided by it: ``transformers.loss_utils.ForCausalLMLoss`` of the soft-capped logits, with
+    the same float32 arithmetic over logits in z's dtype. Returns y in z's shape and dtype (z itself, written in place,
+    when it is float32 or there is no cap; never a view, which FSDP2 would warn about) and the float32 loss.
 
     Saves y (or, capped in a lower precision, z, from which the backward recomputes the cap's derivative as the
     soft cap does, not from the rounded y) and the rows' log-sum-exp [N]. Autograd through the soft cap, the upcast,
@@ -200,24 +206,28 @@ class LogitsLossFunction(torch.autograd.Function):
     def forward(ctx, z, targets, cap, ignore_index, divisor):
         valid = targets != ignore_index  # [N]
         picked = torch.where(valid, targets, 0)
-        in_place = cap is None or z.dtype == torch.float32
-        y = z if in_place else torch.empty_like(z)
-        lse = torch.empty(z.shape[0], device=z.device, dtype=torch.float32)
+        in_place = cap is None or z.dtype == torch.float32  # y written over z's own values
+        # an autograd function cannot write into a view and return two tensors: a view z is copied (the model's z
+        # never is one)
+        copied = in_place and z._base is not None
+        y = (z.clone() if copied else z) if in_place else torch.empty_like(z)
+        z2, y2 = z.view(-1, z.shape[-1]), y.view(-1, z.shape[-1])  # [N, V]
+        lse = torch.empty(z2.shape[0], device=z.device, dtype=torch.float32)
         # capped logits are at most cap: their exponentials sum to a finite float32 without subtracting the row max
-        bounded = cap is not None and cap + math.log(z.shape[1]) < 80.0
-        for rows in _row_blocks(z):
+        bounded = cap is not None and cap + math.log(z2.shape[1]) < 80.0
+        for rows in _row_blocks(z2):
             if cap is not None:
-                capped = _soft_cap(z[rows], cap, fresh=in_place)  # float32; z's rows themselves when in place
+                capped = _soft_cap((y2 if in_place else z2)[rows], cap, fresh=in_place)  # float32; y's rows in place
                 if not in_place:
-                    y[rows] = capped
-            logits = y[rows].float()  # as returned
+                    y2[rows] = capped
+            logits = y2[rows].float()  # as returned
             if bounded:
                 torch.log(torch.mul(logits, _LOG2E).exp2_().sum(-1), out=lse[rows])
             else:
                 torch.logsumexp(logits, -1, out=lse[rows])
-        total = (lse - y.gather(1, picked[:, None]).squeeze(1).float()).masked_fill_(~valid, 0.0).sum()
+        total = (lse - y2.gather(1, picked[:, None]).squeeze(1).float()).masked_fill_(~valid, 0.0).sum()
         divisor = valid.sum() if divisor is None else divisor
-        if in_place:
+        if in_place and not copied:
             ctx.mark_dirty(z)
         ctx.set_materialize_grads(False)  # an unused logits output gets no [N, V] of zeros
         ctx.save_for_backward(y if in_place else z, lse, picked, valid)
@@ -229,7 +239,9 @@ class LogitsLossFunction(torch.autograd.Function):
     def backward(ctx, dlogits, dloss):
         saved, lse, picked, valid = ctx.saved_tensors
         cap = ctx.cap
-        grad = torch.empty_like(saved)
+        grad_out = torch.empty_like(saved)
+        saved, grad = saved.view(-1, saved.shape[-1]), grad_out.view(-1, saved.shape[-1])  # [N, V]
+        dlogits = None if dlogits is None else dlogits.reshape(grad.shape)
         weight = torch.zeros_like(lse) if dloss is None else valid * (dloss.float() / ctx.divisor)  # [N]
         upcast = saved.dtype != torch.float32  # then g is a float32 block, else a view into grad
         shift = lse * -_LOG2E  # softmax = exp2(y log2(e) - lse log2(e))
@@ -249,7 +261,7 @@ class LogitsLossFunction(torch.autograd.Function):
                 _soft_cap_backward(g, y32, cap, into=g)
             if upcast:
                 grad[rows] = g
-        return grad, None, None, None, None
+        return grad_out, None, None, None, None
 
 
 def rms_norm(

@@ -587,7 +587,11 @@ class xLSTMBlock(GradientCheckpointingLayer):
         mask: torch.Tensor | None = None,
         state: tuple | None = None,
         docs: DocumentLayout | None = None,
+        return_state: bool = True,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """hidden_states [B, S, D] -> [B, S, D] and the state after them (None with `return_state=False`: the mixers'
+        final states are views of their kernels' buffers, and a module that returns a view requiring grad makes FSDP2
+        warn that an in-place op on it would skip its pre-backward hook)."""
         if self.block_type == "s":
             y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state, docs)
         elif self._fold(self.norm_mlstm, self.mlstm_layer, hidden_states):
@@ -596,6 +600,7 @@ class xLSTMBlock(GradientCheckpointingLayer):
         else:
             y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state, docs)
         hidden_states = hidden_states + y
+        state = state if return_state else None
         if self.ffn is None:
             return hidden_states, state
         if self._fold(self.norm_ffn, self.ffn, hidden_states):
@@ -1024,9 +1029,11 @@ class xLSTMModel(xLSTMPreTrainedModel):
         states: list,
         output_hidden_states: bool,
         docs: DocumentLayout | None = None,
+        return_states: bool = True,
     ) -> tuple[torch.Tensor, list, tuple[torch.Tensor, ...] | None]:
         """x [B, S, D] through every block, each from its state in `states` (None: empty); with `docs`, packed rows
-        whose documents each start from an empty state (no state comes out)."""
+        whose documents each start from an empty state (no state comes out), and without `return_states` (no cache)
+        the blocks return none."""
         piece = self.config.max_inference_chunksize
         long_prompt = piece is not None and x.shape[1] > piece and not torch.is_grad_enabled()
         if long_prompt and docs is None and not output_hidden_states:
@@ -1042,7 +1049,7 @@ class xLSTMModel(xLSTMPreTrainedModel):
             return torch.cat(outs, dim=1), states, None
         all_hidden = (x,) if output_hidden_states else None
         for idx, block in enumerate(self.blocks):
-            x, states[idx] = block(x, mask, states[idx], docs)
+            x, states[idx] = block(x, mask, states[idx], docs, return_state=return_states)
             if output_hidden_states:
                 all_hidden += (x,)
         return x, states, all_hidden
@@ -1092,7 +1099,9 @@ class xLSTMModel(xLSTMPreTrainedModel):
             if use_cache and cache is None:
                 cache = xLSTMCache(self.config, x.shape[0], device=x.device)
             states = list(cache.states) if cache is not None else [None] * len(self.blocks)
-            x, states, all_hidden = self._run_blocks(x, mask, states, output_hidden_states)
+            x, states, all_hidden = self._run_blocks(
+                x, mask, states, output_hidden_states, return_states=cache is not None
+            )
             if cache is not None:
                 for idx, state in enumerate(states):
                     cache.set_layer_state(idx, state)
@@ -1208,12 +1217,11 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
                 logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
             )
             return logits, loss
-        z = linear(self.lm_head, h.reshape(-1, h.shape[-1]))  # [B * S, V]
+        z = linear(self.lm_head, h)  # [B, S, V]
         targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(z.device)
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(z.device)
-        logits, loss = LogitsLossFunction.apply(z, targets, self._logit_cap(), -100, num_items_in_batch)
-        return logits.view(*h.shape[:-1], -1), loss
+        return LogitsLossFunction.apply(z, targets, self._logit_cap(), -100, num_items_in_batch)
 
     def prepare_inputs_for_generation(
         self,
