@@ -181,10 +181,13 @@ def test_logits_loss_matches_autograd(cap, divisor):
     assert torch.isnan(nan_loss)  # as F.cross_entropy's mean over no targets
 
     # the model's [B, S, V] logits: the same figures in its shape, and never a view (FSDP2 warns of a module's view
-    # output), also from a z that is one (F.linear with a bias over 3 dims returns a view; written into a copy)
-    for bias in (None, torch.zeros(4096)):
-        z3 = F.linear(h.view(3, 100, 16), w, bias)
-        assert (z3._base is not None) == (bias is not None)
+    # output), also from a z that is one (F.linear with a bias over 3 dims returns a view) or is strided (both copied)
+    for layout in ("plain", "view", "strided"):
+        z3 = F.linear(h.view(3, 100, 16), w, torch.zeros(4096) if layout == "view" else None)
+        assert (z3._base is not None) == (layout == "view")
+        if layout == "strided":  # positions-major in memory, not a view
+            z3 = torch.empty_strided(z3.shape, (4096, 3 * 4096, 1)).copy_(z3)
+            assert z3._base is None and not z3.is_contiguous()
         logits3, loss3 = LogitsLossFunction.apply(z3, targets, cap, -100, divisor)
         assert logits3.shape == (3, 100, 4096) and logits3._base is None
         torch.testing.assert_close(logits3.view(300, -1), logits, atol=1e-6, rtol=0)

@@ -207,11 +207,14 @@ class LogitsLossFunction(torch.autograd.Function):
         valid = targets != ignore_index  # [N]
         picked = torch.where(valid, targets, 0)
         in_place = cap is None or z.dtype == torch.float32  # y written over z's own values
-        # an autograd function cannot write into a view and return two tensors: a view z is copied (the model's z
-        # never is one)
-        copied = in_place and z._base is not None
-        y = (z.clone() if copied else z) if in_place else torch.empty_like(z)
-        z2, y2 = z.view(-1, z.shape[-1]), y.view(-1, z.shape[-1])  # [N, V]
+        # an autograd function cannot write into a view and return two tensors: a view z (or a strided one) is copied
+        # (the model's z never is)
+        copied = in_place and (z._base is not None or not z.is_contiguous())
+        if in_place:
+            y = z.clone(memory_format=torch.contiguous_format) if copied else z
+        else:
+            y = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+        z2, y2 = z.reshape(-1, z.shape[-1]), y.view(-1, z.shape[-1])  # [N, V]
         lse = torch.empty(z2.shape[0], device=z.device, dtype=torch.float32)
         # capped logits are at most cap: their exponentials sum to a finite float32 without subtracting the row max
         bounded = cap is not None and cap + math.log(z2.shape[1]) < 80.0
@@ -239,8 +242,8 @@ class LogitsLossFunction(torch.autograd.Function):
     def backward(ctx, dlogits, dloss):
         saved, lse, picked, valid = ctx.saved_tensors
         cap = ctx.cap
-        grad_out = torch.empty_like(saved)
-        saved, grad = saved.view(-1, saved.shape[-1]), grad_out.view(-1, saved.shape[-1])  # [N, V]
+        grad_out = torch.empty(saved.shape, dtype=saved.dtype, device=saved.device)
+        saved, grad = saved.reshape(-1, saved.shape[-1]), grad_out.view(-1, saved.shape[-1])  # [N, V]
         dlogits = None if dlogits is None else dlogits.reshape(grad.shape)
         weight = torch.zeros_like(lse) if dloss is None else valid * (dloss.float() / ctx.divisor)  # [N]
         upcast = saved.dtype != torch.float32  # then g is a float32 block, else a view into grad
