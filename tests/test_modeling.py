@@ -111,7 +111,9 @@ def test_no_module_fsdp_wraps_returns_a_view_requiring_grad(family):
     views = []
 
     def record(module, args, output):
-        views.extend((type(module).__name__, tuple(t.shape)) for t in collect_grad_tensors(output) if t._base is not None)
+        views.extend(
+            (type(module).__name__, tuple(t.shape)) for t in collect_grad_tensors(output) if t._base is not None
+        )
 
     for module in model.modules():
         if type(module).__name__ in model._no_split_modules or module is model:

@@ -206,7 +206,7 @@ class LogitsLossFunction(torch.autograd.Function):
     def forward(ctx, z, targets, cap, ignore_index, divisor):
         valid = targets != ignore_index  # [N]
         picked = torch.where(valid, targets, 0)
-        in_place = cap is None or z.dtype == torch.float32  # y written over z's own values
+        in_place = cap is None or z.dtype == torch.float32  # y written over z's values, in z itself or a copy
         # an autograd function cannot write into a view and return two tensors: a view z (or a strided one) is copied
         # (the model's z never is)
         copied = in_place and (z._base is not None or not z.is_contiguous())
@@ -214,13 +214,14 @@ class LogitsLossFunction(torch.autograd.Function):
             y = z.clone(memory_format=torch.contiguous_format) if copied else z
         else:
             y = torch.empty(z.shape, dtype=z.dtype, device=z.device)
-        z2, y2 = z.reshape(-1, z.shape[-1]), y.view(-1, z.shape[-1])  # [N, V]
-        lse = torch.empty(z2.shape[0], device=z.device, dtype=torch.float32)
+        y2 = y.view(-1, z.shape[-1])  # [N, V]
+        src = y2 if in_place else z.reshape(y2.shape)  # what the soft cap reads
+        lse = torch.empty(y2.shape[0], device=z.device, dtype=torch.float32)
         # capped logits are at most cap: their exponentials sum to a finite float32 without subtracting the row max
-        bounded = cap is not None and cap + math.log(z2.shape[1]) < 80.0
-        for rows in _row_blocks(z2):
+        bounded = cap is not None and cap + math.log(y2.shape[1]) < 80.0
+        for rows in _row_blocks(y2):
             if cap is not None:
-                capped = _soft_cap((y2 if in_place else z2)[rows], cap, fresh=in_place)  # float32; y's rows in place
+                capped = _soft_cap(src[rows], cap, fresh=in_place)  # float32; y's rows themselves when in place
                 if not in_place:
                     y2[rows] = capped
             logits = y2[rows].float()  # as returned
