@@ -1,33 +1,39 @@
 """Shared by the Triton kernel tests: device choice, interpreter set-up, and the error measure.
 
 Without CUDA the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1), which triton chooses when a function
-is decorated: our kernels when their module is first imported, triton's own library (tl.sum, tl.cumsum, ...) at
-`import triton`. In a pytest run, tests/conftest.py imports xlstm_hf, whose torch.compile use imports torch._dynamo,
-which imports triton: setting the variable in a test module is too late for triton's library. So the kernels use
-only triton builtins plus combine functions of their own module, and ``load_kernels`` sets the variable and
-re-imports a kernel module that was first imported without it. The variable then stays set for the rest of the
-process; that matters only to code that launches Triton kernels, which on a machine without CUDA cannot run
-otherwise.
+is decorated: our kernels and their helpers in ``xlstm_hf.triton_utils`` when their modules are first imported,
+triton's own library (tl.sum, tl.cumsum, ...) at `import triton`. In a pytest run, tests/conftest.py imports
+xlstm_hf, whose torch.compile use imports torch._dynamo, which imports triton: setting the variable in a test module
+is too late for triton's library. So the kernels use only triton builtins plus the combine functions of
+``triton_utils``, and ``load_kernels`` sets the variable and re-imports ``triton_utils`` and every kernel module that
+was first imported without it. The variable then stays set for the rest of the process; that matters only to code
+that launches Triton kernels, which on a machine without CUDA cannot run otherwise.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from types import ModuleType
 
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_MODULES = ("mlstm_chunk", "mlstm_step", "slstm_fused")
 
 
 def load_kernels(name: str) -> ModuleType:
     """Imports ``xlstm_hf.<name>``, interpreted when there is no GPU."""
     if DEVICE == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
+    utils = importlib.import_module("xlstm_hf.triton_utils")
     module = importlib.import_module(f"xlstm_hf.{name}")
-    if DEVICE == "cpu" and not module.INTERPRETED:
-        module = importlib.reload(module)
+    if DEVICE == "cpu" and not utils.INTERPRETED:
+        importlib.reload(utils)
+        for other in KERNEL_MODULES:
+            if f"xlstm_hf.{other}" in sys.modules:
+                importlib.reload(sys.modules[f"xlstm_hf.{other}"])
     return module
 
 

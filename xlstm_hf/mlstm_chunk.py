@@ -8,11 +8,11 @@ Forward:
     1. ``_chunk_states_fwd_kernel``: the state entering every chunk, by a recurrence over the NC chunks
        (one program per (B * NH, DK tile, DV tile)).
     2. ``_chunk_output_fwd_kernel``: within each chunk, the stabilised quadratic form over L positions plus the
-       entering state (one program per (chunk, DV tile, B * NH)).
+       entering state (one program per (B * NH, chunk, DV tile)).
 Backward, with m treated as a stabiliser (a constant) inside the kernels:
     3. ``_chunk_states_bwd_kernel``: the gradient of every entering state, by the reverse recurrence.
     4. ``_chunk_dqk_bwd_kernel`` and ``_chunk_dv_bwd_kernel``: dq, dk and dv within each chunk.
-    5. ``_gate_grads``: di and df from the identities di_t = k_t . dk_t and dF_t = q_t . dq_t - k_t . dk_t
+    5. ``mlstm_grads.gate_grads``: di and df from the identities di_t = k_t . dk_t and dF_t = q_t . dq_t - k_t . dk_t
        (F the cumulative log forget gate), plus the derivative through the stabiliser m (the argmax of each m_t),
        which the reference's autograd also takes: h depends on m only through eps, the returned state through
        its scale exp(m).
@@ -22,58 +22,31 @@ All three state tensors, m included, receive gradients (the initial m through th
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .mlstm_chunk_torch import _gate_grads, _normaliser_grads
+from .mlstm_grads import gate_grads, normaliser_grads
 from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, check_inputs
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the model then runs the PyTorch reference
-    HAS_TRITON = False
-
-# Triton decides at decoration (this import) whether the kernels run compiled or in its CPU interpreter.
-INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _require_triton() -> None:
-    if not HAS_TRITON:
-        raise ImportError("the Triton mLSTM kernels need triton: `pip install triton` (a GPU, or TRITON_INTERPRET=1)")
-
+from .triton_utils import (
+    HAS_TRITON,
+    device_properties,
+    dot_precision,
+    pow2_tile,
+    require_triton,
+    store_dtype,
+    tl,
+    triton,
+)
 
 if HAS_TRITON:
+    from .triton_utils import MAX as _MAX
+    from .triton_utils import SUM as _SUM
+    from .triton_utils import dot as _dot
+
     _MASKED_IGATE_C = tl.constexpr(MASKED_IGATE)
     _MIN_M_C = tl.constexpr(_MIN_M_FOR_FLOOR)
-
-    # Reductions as tl.reduce / tl.associative_scan with triton's own combine functions rather than tl.sum, tl.max,
-    # tl.cumsum: those are jit functions of triton's library, decorated at `import triton`, so they run compiled
-    # (and fail) inside an interpreted kernel when triton was imported before TRITON_INTERPRET=1 was set; the
-    # interpreter recognises these combine functions and reduces with numpy. Compiled, it is what tl.sum does.
-    @triton.jit
-    def _add(a, b):
-        return a + b
-
-    @triton.jit
-    def _maximum(a, b):
-        return tl.maximum(a, b)
-
-    _SUM = getattr(tl.standard, "_sum_combine", _add)
-    _MAX = getattr(tl.standard, "_elementwise_max", _maximum)
-
-    @triton.jit
-    def _dot(a, b, DT: tl.constexpr, PRECISION: tl.constexpr):
-        """a [M, K] @ b [K, N] with the operands rounded to DT and a float32 result. PRECISION "emulate" multiplies
-        the rounded operands in float32: the interpreter's tl.dot multiplies bfloat16 bit patterns as integers."""
-        if PRECISION == "emulate":
-            return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32), input_precision="ieee")
-        else:
-            return tl.dot(a.to(DT), b.to(DT), input_precision=PRECISION)
 
     @triton.jit
     def _chunk_states_fwd_kernel(
@@ -169,9 +142,9 @@ if HAS_TRITON:
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        i_c = tl.program_id(0)
-        i_v = tl.program_id(1)
-        i_bh = tl.program_id(2).to(tl.int64)
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_c = tl.program_id(1)
+        i_v = tl.program_id(2)
         DT = q_ptr.dtype.element_ty
         o_l = tl.arange(0, BL)
         o_t = i_c * BL + o_l
@@ -345,9 +318,9 @@ if HAS_TRITON:
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        i_c = tl.program_id(0)
-        i_k = tl.program_id(1)
-        i_bh = tl.program_id(2).to(tl.int64)
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_c = tl.program_id(1)
+        i_k = tl.program_id(2)
         DT = q_ptr.dtype.element_ty
         o_t = i_c * BL + tl.arange(0, BL)
         mask_t = o_t < S
@@ -416,9 +389,9 @@ if HAS_TRITON:
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        i_c = tl.program_id(0)
-        i_v = tl.program_id(1)
-        i_bh = tl.program_id(2).to(tl.int64)
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_c = tl.program_id(1)
+        i_v = tl.program_id(2)
         DT = q_ptr.dtype.element_ty
         o_t = i_c * BL + tl.arange(0, BL)
         mask_t = o_t < S
@@ -451,22 +424,63 @@ if HAS_TRITON:
         tl.store(dv_ptr + (i_bh * S + o_t[:, None]) * DV + o_v[None, :], dv, mask=mask_tv)
 
 
-def _tiles(DK: int, DV: int) -> tuple[int, int]:
-    """Feature tiles: powers of two from 16 (the smallest tl.dot operand) to 64."""
-    return (min(64, max(16, triton.next_power_of_2(DK))), min(64, max(16, triton.next_power_of_2(DV))))
+MAX_HEAD_DIM = 512
+MAX_GRID_YZ = 65535
 
 
-def _store_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a kernel writes h in: float32 under the interpreter for bfloat16, whose conversion there truncates
-    (a GPU rounds to nearest even); torch then rounds."""
-    return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+@dataclass(frozen=True)
+class _ChunkLaunch:
+    """Launch parameters of the five kernels for one input shape: chunk length BL, feature tiles of the intra-chunk
+    kernels (BK, BV) and of the two chunk-state kernels (SK, SV), warps, pipeline stages and dot precision."""
+
+    BL: int
+    BK: int
+    BV: int
+    SK: int
+    SV: int
+    num_warps: int
+    num_stages: int
+    precision: str
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """float32 inputs get full-precision dots (no TF32), so that they match the float32 reference."""
-    if dtype == torch.bfloat16 and INTERPRETED:
-        return "emulate"
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _launch(B: int, NH: int, S: int, DK: int, DV: int, chunk_size: int, dtype: torch.dtype, device) -> _ChunkLaunch:
+    """Tiles and warps from the compile figures of ``tests/test_kernel_compile.py`` (benchmarks/RESULTS.md).
+
+    - Intra-chunk kernels: 64-wide feature tiles with 4 warps hold a [BL, BL] score block, a [BL, 64] accumulator
+      and their operands within 255 registers per thread; float32 operands with "ieee" dots (FMA units, no operand
+      packing) need twice the registers, hence 8 warps.
+    - Chunk-state kernels run the recurrence over the NC chunks one chunk after another, so at batch 1 their
+      programs, not their tiles, are the parallelism: tiles are halved (down to 16) until the launch has at least
+      two programs per SM (7B heads at batch 1: 8 heads x 4 x 8 tiles of 64 x 64 = 256 programs for 264 slots on
+      an H100; with 64 x 32 tiles, 512).
+    """
+    _, sm_count = device_properties(device)
+    BL = min(chunk_size, max(16, triton.next_power_of_2(S)))
+    BK, BV = pow2_tile(DK, 64), pow2_tile(DV, 64)
+    SK, SV = BK, BV
+    while B * NH * triton.cdiv(DK, SK) * triton.cdiv(DV, SV) < 2 * sm_count and max(SK, SV) > 16:
+        if SV >= SK:
+            SV //= 2
+        else:
+            SK //= 2
+    precision = dot_precision(dtype)
+    num_warps = 8 if precision == "ieee" else 4
+    return _ChunkLaunch(BL, BK, BV, SK, SV, num_warps, num_stages=2, precision=precision)
+
+
+def mlstm_chunkwise_unsupported(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> str | None:
+    """Why the Triton chunkwise kernel cannot run q [B, NH, S, DK], v [B, NH, S, DV] with this chunk size, or None
+    when it can."""
+    DK, DV, S = q.shape[-1], v.shape[-1], q.shape[-2]
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (float32, bfloat16 or float16 expected)"
+    if max(DK, DV) > MAX_HEAD_DIM:
+        return f"head dims DK={DK}, DV={DV} above {MAX_HEAD_DIM}"
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        return f"chunk_size={chunk_size} is not a power of two >= 16"
+    if triton.cdiv(S, chunk_size) > MAX_GRID_YZ:
+        return f"S={S} makes more than {MAX_GRID_YZ} chunks of {chunk_size} (a grid axis limit)"
+    return None
 
 
 def chunk_mlstm_fwd(
@@ -478,7 +492,7 @@ def chunk_mlstm_fwd(
     C0: torch.Tensor,
     n0: torch.Tensor,
     m0: torch.Tensor,
-    BL: int,
+    cfg: _ChunkLaunch,
     eps: float,
     scale: float,
 ) -> tuple[torch.Tensor, ...]:
@@ -486,25 +500,25 @@ def chunk_mlstm_fwd(
     ms [B, NH, NC + 1] (the last one the final m), and per position m_row, den [B, NH, S]."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
+    BL, BK, BV, SK, SV = cfg.BL, cfg.BK, cfg.BV, cfg.SK, cfg.SV
     NC = triton.cdiv(S, BL)
-    BK, BV = _tiles(DK, DV)
     f32 = dict(device=q.device, dtype=torch.float32)
     Cs = torch.empty(B, NH, NC, DK, DV, **f32)
     ns = torch.empty(B, NH, NC, DK, **f32)
     ms = torch.empty(B, NH, NC + 1, **f32)
     C = torch.empty(B, NH, DK, DV, **f32)
     n = torch.empty(B, NH, DK, **f32)
-    precision = _precision(q.dtype)
-    _chunk_states_fwd_kernel[(B * NH, triton.cdiv(DK, BK), triton.cdiv(DV, BV))](
+    warps = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _chunk_states_fwd_kernel[(B * NH, triton.cdiv(DK, SK), triton.cdiv(DV, SV))](
         k, v, i, logf, C0, n0, m0, Cs, ns, ms, C, n,
-        S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+        S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=SK, BV=SV, PRECISION=cfg.precision, **warps,
     )  # fmt: skip
-    h = torch.empty(B, NH, S, DV, device=q.device, dtype=_store_dtype(q.dtype))
+    h = torch.empty(B, NH, S, DV, device=q.device, dtype=store_dtype(q.dtype))
     m_row = torch.empty(B, NH, S, **f32)
     den = torch.empty(B, NH, S, **f32)
-    _chunk_output_fwd_kernel[(NC, triton.cdiv(DV, BV), B * NH)](
+    _chunk_output_fwd_kernel[(B * NH, NC, triton.cdiv(DV, BV))](
         q, k, v, i, logf, Cs, ns, ms, h, m_row, den,
-        scale=scale, eps=eps, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+        scale=scale, eps=eps, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=cfg.precision, **warps,
     )  # fmt: skip
     return h.to(q.dtype), C, n, ms[..., -1].clone(), Cs, ns, ms, m_row, den
 
@@ -524,65 +538,65 @@ def chunk_mlstm_bwd(
     dh: torch.Tensor,
     dC: torch.Tensor,
     dn: torch.Tensor,
-    BL: int,
+    cfg: _ChunkLaunch,
     scale: float,
 ) -> tuple[torch.Tensor, ...]:
     """dq, dk [B, NH, S, DK] and dv [B, NH, S, DV] in float32, and the initial state's dC0, dn0, with m held
     constant. rN = 1 / normaliser and dden = d loss / d den, both [B, NH, S]."""
     B, NH, S, DK = q.shape
     DV = v.shape[-1]
+    BL, BK, BV, SK, SV = cfg.BL, cfg.BK, cfg.BV, cfg.SK, cfg.SV
     NC = triton.cdiv(S, BL)
-    BK, BV = _tiles(DK, DV)
     f32 = dict(device=q.device, dtype=torch.float32)
     dCs = torch.empty(B, NH, NC + 1, DK, DV, **f32)
     dns = torch.empty(B, NH, NC + 1, DK, **f32)
-    precision = _precision(q.dtype)
-    _chunk_states_bwd_kernel[(B * NH, triton.cdiv(DK, BK), triton.cdiv(DV, BV))](
+    warps = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    _chunk_states_bwd_kernel[(B * NH, triton.cdiv(DK, SK), triton.cdiv(DV, SV))](
         q, i, logf, ms, m_row, rN, dden, dh, dC, dn, dCs, dns,
-        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=SK, BV=SV, PRECISION=cfg.precision, **warps,
     )  # fmt: skip
     dq = torch.empty(B, NH, S, DK, **f32)
     dk = torch.empty(B, NH, S, DK, **f32)
     dv = torch.empty(B, NH, S, DV, **f32)
-    _chunk_dqk_bwd_kernel[(NC, triton.cdiv(DK, BK), B * NH)](
+    _chunk_dqk_bwd_kernel[(B * NH, NC, triton.cdiv(DK, BK))](
         q, k, v, i, logf, Cs, ns, ms, m_row, rN, dden, dh, dCs, dns, dq, dk,
-        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=cfg.precision, **warps,
     )  # fmt: skip
-    _chunk_dv_bwd_kernel[(NC, triton.cdiv(DV, BV), B * NH)](
+    _chunk_dv_bwd_kernel[(B * NH, NC, triton.cdiv(DV, BV))](
         q, k, i, logf, ms, m_row, rN, dh, dCs, dv,
-        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=precision,
+        scale=scale, S=S, NC=NC, DK=DK, DV=DV, BL=BL, BK=BK, BV=BV, PRECISION=cfg.precision, **warps,
     )  # fmt: skip
     return dq, dk, dv, dCs[:, :, 0], dns[:, :, 0]
 
 
 class ChunkMLSTMFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale, recompute_states):
+    def forward(ctx, q, k, v, i, f, C0, n0, m0, cfg, eps, scale, recompute_states):
         i32 = i.float().contiguous()
         logf = F.logsigmoid(f.float()).contiguous()
-        h, C, n, m, Cs, ns, ms, m_row, den = chunk_mlstm_fwd(q, k, v, i32, logf, C0, n0, m0, chunk_size, eps, scale)
+        h, C, n, m, Cs, ns, ms, m_row, den = chunk_mlstm_fwd(q, k, v, i32, logf, C0, n0, m0, cfg, eps, scale)
         saved_states = (None, None) if recompute_states else (Cs, ns)
         ctx.save_for_backward(q, k, v, i32, f, logf, C0, n0, m0, *saved_states, ms, m_row, den, h, C, n)
-        ctx.cfg = (chunk_size, eps, scale, recompute_states)
+        ctx.cfg = (cfg, eps, scale, recompute_states)
         ctx.dtypes = (i.dtype, f.dtype)
         return h, C, n, m
 
     @staticmethod
     def backward(ctx, dh, dC, dn, dm):
         q, k, v, i, f, logf, C0, n0, m0, Cs, ns, ms, m_row, den, h, C, n = ctx.saved_tensors
-        chunk_size, eps, scale, recompute_states = ctx.cfg
+        cfg, eps, scale, recompute_states = ctx.cfg
         if recompute_states:
-            _, _, _, _, Cs, ns, _, _, _ = chunk_mlstm_fwd(q, k, v, i, logf, C0, n0, m0, chunk_size, eps, scale)
+            _, _, _, _, Cs, ns, _, _, _ = chunk_mlstm_fwd(q, k, v, i, logf, C0, n0, m0, cfg, eps, scale)
         dh = dh.contiguous()
-        rN, dden, dm_row = _normaliser_grads(h, dh, m_row, den, eps)
+        rN, dden, dm_row = normaliser_grads(h, dh, m_row, den, eps)
         dq, dk, dv, dC0, dn0 = chunk_mlstm_bwd(
-            q, k, v, i, logf, Cs, ns, ms, m_row, rN, dden, dh, dC.contiguous(), dn.contiguous(), chunk_size, scale
+            q, k, v, i, logf, Cs, ns, ms, m_row, rN, dden, dh, dC.contiguous(), dn.contiguous(), cfg, scale
         )
         # The returned state is C_true * exp(-m): exp(F_S) enters it as a factor, and m_S (= m_row at S - 1)
         # as its scale.
         state_dot = (dC * C).sum((-2, -1)) + (dn * n).sum(-1)  # [B, NH]
         dm_row[..., -1] += dm - state_dot
-        di, df, dm0 = _gate_grads(q, k, i, f, logf, m0, dq, dk, dm_row, state_dot)
+        di, df, dm0 = gate_grads(q, k, i, f, logf, m0, dq, dk, dm_row, state_dot)
         dm0 = dm0 + torch.where(torch.isinf(m0), torch.zeros_like(m0), (dC0 * C0).sum((-2, -1)) + (dn0 * n0).sum(-1))
         return (
             dq.to(q.dtype),
@@ -618,20 +632,19 @@ def mlstm_chunkwise_triton(
 
     q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S]; initial_state (C [B, NH, DK, DV], n [B, NH, DK],
     m [B, NH]) or None (an empty memory with m = ``empty_m``). Returns h [B, NH, S, DV] in q's dtype and the final
-    float32 state. Any S; DK, DV up to 512; chunk_size a power of two >= 16. ``recompute_states`` drops the
-    per-chunk states (NC * DK * DV floats per head) after the forward and recomputes them in the backward.
+    float32 state. Any S; DK, DV up to 512; chunk_size a power of two >= 16 (``mlstm_chunkwise_unsupported`` says
+    why a shape cannot run). ``recompute_states`` drops the per-chunk states (NC * DK * DV floats per head) after
+    the forward and recomputes them in the backward.
     """
-    _require_triton()
+    require_triton("the Triton mLSTM kernels")
     check_inputs(q, k, v, i, f)
+    reason = mlstm_chunkwise_unsupported(q, v, chunk_size)
+    if reason is not None:
+        raise ValueError(f"mlstm_chunkwise_triton: q {tuple(q.shape)}, v {tuple(v.shape)}: {reason}")
     B, NH, S, DK = q.shape
-    DV = v.shape[-1]
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
-    if max(DK, DV) > 512:
-        raise ValueError(f"the Triton mLSTM kernel serves head dims up to 512, got DK={DK}, DV={DV}")
     scale = DK**-0.5 if scale is None else scale
     C0, n0, m0 = (t.contiguous() for t in _initial_state(initial_state, q, v, empty_m))
-    BL = min(chunk_size, max(16, triton.next_power_of_2(S)))
+    cfg = _launch(B, NH, S, DK, v.shape[-1], chunk_size, q.dtype, q.device)
     q, k, v = (t.contiguous() for t in (q, k.to(q.dtype), v.to(q.dtype)))
-    h, C, n, m = ChunkMLSTMFunction.apply(q, k, v, i, f, C0, n0, m0, BL, eps, scale, recompute_states)
+    h, C, n, m = ChunkMLSTMFunction.apply(q, k, v, i, f, C0, n0, m0, cfg, eps, scale, recompute_states)
     return h, (C, n, m)

@@ -7,10 +7,10 @@ Inside, every tensor is split into NC chunks of L positions: [B, NH, NC, L, ...]
 Forward: the states entering the chunks by one matmul over the chunks' own contributions, then each chunk's
 stabilised quadratic form, with in-place arithmetic where autograd would keep every intermediate. The backward follows
 the Triton kernels of ``mlstm_chunk`` (m treated as a stabiliser, then routed through its argmax):
-    1. 1 / normaliser, dL/d den and dL/d m_row (``_normaliser_grads``);
+    1. 1 / normaliser, dL/d den and dL/d m_row (``mlstm_grads.normaliser_grads``);
     2. the gradients of the states entering the chunks, by the reverse recurrence written as one matmul;
     3. dq, dk, dv within every chunk from the saved decay matrix D;
-    4. di, df and dm0 from the identities of ``_gate_grads``.
+    4. di, df and dm0 from the identities of ``mlstm_grads.gate_grads``.
 Forward and backward at the CPU benchmark model's heads (NH 4, DK 32, DV 64, 2048 tokens, 2 threads, the three
 timed in turns): 8.8 - 11.6 ms here, 10.1 - 20.3 ms with autograd through the reference, 16.3 - 32.3 ms with
 mlstm_kernels' native kernel (``scripts/benchmark_kernels.py``, benchmarks/RESULTS.md).
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .fused_ops import _LOG2E, functorch_active
+from .mlstm_grads import gate_grads, normaliser_grads
 from .mlstm_naive import (
     _MIN_M_FOR_FLOOR,
     MASKED_IGATE,
@@ -33,55 +34,6 @@ from .mlstm_naive import (
     log_sigmoid,
     mlstm_chunkwise,
 )
-
-
-def _normaliser_grads(
-    h: torch.Tensor, dh: torch.Tensor, m_row: torch.Tensor, den: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From h = num / N with N = max(|den|, exp(-max(m, -80))) + eps, all [B, NH, S]: 1 / N, dL/d den, and dL/d m
-    where num and den scale with exp(-m) (so h depends on m only through eps and the clamp)."""
-    floor = torch.exp(-m_row.clamp(min=_MIN_M_FOR_FLOOR))
-    den_wins = den.abs() >= floor
-    N = torch.where(den_wins, den.abs(), floor) + eps
-    hdh = (h.float() * dh.float()).sum(-1)  # [B, NH, S]
-    dden = torch.where(den_wins, -hdh / N * torch.sign(den), torch.zeros_like(den))
-    dN_dm = torch.where(den_wins, -den.abs(), torch.where(m_row > _MIN_M_FOR_FLOOR, -floor, torch.zeros_like(floor)))
-    dm_row = -hdh * (1 + dN_dm / N)
-    return 1 / N, dden, dm_row
-
-
-def _gate_grads(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    i: torch.Tensor,
-    f: torch.Tensor,
-    logf: torch.Tensor,
-    m0: torch.Tensor,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dm_row: torch.Tensor,
-    dF_last: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """di, df [B, NH, S] and dm0 [B, NH].
-
-    With m constant, i_t enters every term through exp(i_t) k_t and F_t (cumulative log forget gate) through
-    exp(F_t) q_t and exp(-F_t) k_t, so di = k . dk and dF = q . dq - k . dk (+ dF_last at the last position, the
-    final state's exp(F_S)). dm_row [B, NH, S] is then routed to the term that attains each m_t = max(m0 + F_t,
-    max_{j <= t} i_j + F_t - F_j)."""
-    kdk = (k.float() * dk).sum(-1)  # [B, NH, S]
-    di = kdk.clone()
-    dF = (q.float() * dq).sum(-1) - kdk
-    dF[..., -1] += dF_last
-    Fc = logf.cumsum(-1)  # [B, NH, S]
-    best, idx = torch.cummax(i.float() - Fc, dim=-1)  # [B, NH, S]
-    from_state = m0[..., None] > best
-    dm_pos = torch.where(from_state, torch.zeros_like(dm_row), dm_row)
-    dF += dm_row
-    di.scatter_add_(-1, idx, dm_pos)
-    dF.scatter_add_(-1, idx, -dm_pos)
-    dm0 = torch.where(from_state, dm_row, torch.zeros_like(dm_row)).sum(-1)
-    dlogf = dF.flip(-1).cumsum(-1).flip(-1)
-    return di, dlogf * torch.sigmoid(-f.float()), dm0
 
 
 def _forward_segments(g: torch.Tensor) -> torch.Tensor:
@@ -104,6 +56,16 @@ def _backward_segments(g: torch.Tensor) -> torch.Tensor:
     cs = (g[..., None, :] * (idx[:-1][None, :] >= idx[:, None])).cumsum(-1)  # [.., NC + 1, NC] (c, c'') = g[c..c'']
     seg = F.pad(cs, (1, 0))  # column c' holds the sum up to c' - 1
     return seg.masked_fill(idx[None, :] < idx[:, None], float("-inf"))
+
+
+def _running_max(x: torch.Tensor) -> torch.Tensor:
+    """cummax(x, -1).values as log2(L) shifted maxima (a Hillis-Steele scan): the same values from ops that every
+    exporter has (ONNX has no cummax), over [.., L] vectors that are small next to the [.., L, L] products."""
+    L, shift = x.shape[-1], 1
+    while shift < L:
+        x = torch.maximum(x, F.pad(x[..., : L - shift], (shift, 0), value=float("-inf")))
+        shift *= 2
+    return x
 
 
 def _chunk_fwd(
@@ -150,7 +112,7 @@ def _chunk_fwd(
     # 2. within every chunk: log D[t, j] = b[t] - b[j] + i[j] (j <= t), whose row max is b[t] + cummax(i - b)[t].
     w_col = i - b  # [B, NH, NC, L]
     m_inter = b + m_in[..., None]  # [B, NH, NC, L]
-    m_row = torch.maximum(b + w_col.cummax(-1).values, m_inter)  # [B, NH, NC, L]
+    m_row = torch.maximum(b + _running_max(w_col), m_inter)  # [B, NH, NC, L]
     # exp2 of log2 D, scaled on the [.., L] vectors (torch.exp is 2.7x slower: see _LOG2E), then the causal mask
     # (tril_ takes 27 us on [2, 4, 16, 64, 64] where masked_fill_ with a broadcast [L, L] mask takes 340)
     D = ((b - m_row).mul_(_LOG2E)[..., :, None] + (w_col * _LOG2E)[..., None, :]).exp2_().tril_()  # [.., L, L]
@@ -262,7 +224,7 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
         dn = torch.zeros(B, NH, DK, **f32) if dn is None and dC is not None else dn
 
         # 1. the normaliser
-        rN, dden, dm_row = _normaliser_grads(h, dh, m_row, den, eps)  # [B, NH, NC, L]
+        rN, dden, dm_row = normaliser_grads(h, dh, m_row, den, eps)  # [B, NH, NC, L]
         dnum = dh * rN[..., None]  # [B, NH, NC, L, DV]
 
         # 2. the gradients of the states entering the chunks (and of the final one): dS[c] = X[c] + decay[c] dS[c+1]
@@ -316,7 +278,7 @@ class ChunkMLSTMTorchFunction(torch.autograd.Function):
         dm_row = unchunk(dm_row).clone()
         dm_row[..., -1] += (0.0 if dm is None else dm.float()) - state_dot
         dqs, dk, dv = unchunk(dqs, DK), unchunk(dk, DK), unchunk(dv, DV)
-        di, df, dm0 = _gate_grads(
+        di, df, dm0 = gate_grads(
             unchunk(qs, DK), unchunk(k, DK), unchunk(i), f, unchunk(logf), m0, dqs, dk, dm_row, state_dot
         )
         dq = dqs.mul_(scale)

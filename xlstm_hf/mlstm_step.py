@@ -7,41 +7,16 @@ back in place and reduces q^T C over DK on the fly, so C makes one trip through 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .mlstm_naive import _MIN_M_FOR_FLOOR, MLSTMState
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the model then runs the PyTorch reference
-    HAS_TRITON = False
-
-# Triton decides at decoration (this import) whether the kernels run compiled or in its CPU interpreter.
-INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from .triton_utils import HAS_TRITON, pow2_tile, require_triton, store_dtype, tl, triton
 
 if HAS_TRITON:
+    from .triton_utils import SUM as _SUM
+    from .triton_utils import logsigmoid as _logsigmoid
+
     _MIN_M_C = tl.constexpr(_MIN_M_FOR_FLOOR)
-
-    # Reductions as tl.reduce / tl.associative_scan with triton's own combine functions rather than tl.sum, tl.max,
-    # tl.cumsum: those are jit functions of triton's library, decorated at `import triton`, so they run compiled
-    # (and fail) inside an interpreted kernel when triton was imported before TRITON_INTERPRET=1 was set; the
-    # interpreter recognises these combine functions and reduces with numpy. Compiled, it is what tl.sum does.
-    @triton.jit
-    def _add(a, b):
-        return a + b
-
-    @triton.jit
-    def _maximum(a, b):
-        return tl.maximum(a, b)
-
-    _SUM = getattr(tl.standard, "_sum_combine", _add)
-    _MAX = getattr(tl.standard, "_elementwise_max", _maximum)
 
     @triton.jit
     def _mlstm_step_kernel(
@@ -63,15 +38,15 @@ if HAS_TRITON:
         BK: tl.constexpr,
         BV: tl.constexpr,
     ):
-        i_v = tl.program_id(0)
-        i_bh = tl.program_id(1).to(tl.int64)
+        i_bh = tl.program_id(0).to(tl.int64)
+        i_v = tl.program_id(1)
         o_v = i_v * BV + tl.arange(0, BV)
         mask_v = o_v < DV
 
         ig = tl.load(i_ptr + i_bh).to(tl.float32)
         fg = tl.load(f_ptr + i_bh).to(tl.float32)
         m = tl.load(m_ptr + i_bh)
-        logf = tl.minimum(fg, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(fg)))
+        logf = _logsigmoid(fg)
         m_new = tl.maximum(logf + m, ig)
         decay = tl.exp(logf + m - m_new)
         gain = tl.exp(ig - m_new)
@@ -101,6 +76,25 @@ if HAS_TRITON:
             tl.store(m_out_ptr + i_bh, m_new)
 
 
+MAX_HEAD_DIM = 1024
+
+
+def mlstm_step_unsupported(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the Triton step cannot run q [B, NH, DK], v [B, NH, DV], or None when it can."""
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (float32, bfloat16 or float16 expected)"
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims DK={q.shape[-1]}, DV={v.shape[-1]} above {MAX_HEAD_DIM}"
+    return None
+
+
+def _launch(DK: int, DV: int) -> tuple[int, int, int]:
+    """Tiles (BK, BV) and warps. A step reads each head's C [DK, DV] once: the kernel is bound by that read, and
+    64 x 64 float32 tiles (32 values per thread at 4 warps) keep enough loads in flight without spilling; at 7B heads
+    (DK 256, DV 512) a head's C spans 8 programs, so batch 1 launches 64 and batch 256 launches 16,384."""
+    return pow2_tile(DK, 64), pow2_tile(DV, 64), 4
+
+
 def mlstm_step_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -116,16 +110,13 @@ def mlstm_step_fwd(
     """Updates C [B, NH, DK, DV] in place; returns h [B, NH, DV] and the new n [B, NH, DK], m [B, NH]."""
     B, NH, DK = q.shape
     DV = v.shape[-1]
-    BK = min(64, max(16, triton.next_power_of_2(DK)))
-    BV = min(64, max(16, triton.next_power_of_2(DV)))
-    # The interpreter converts float32 to bfloat16 by truncation (a GPU rounds to nearest even): there torch rounds.
-    h_dtype = torch.float32 if INTERPRETED and q.dtype == torch.bfloat16 else q.dtype
-    h = torch.empty(B, NH, DV, device=q.device, dtype=h_dtype)
+    BK, BV, num_warps = _launch(DK, DV)
+    h = torch.empty(B, NH, DV, device=q.device, dtype=store_dtype(q.dtype))
     n_new = torch.empty_like(n)
     m_new = torch.empty_like(m)
-    _mlstm_step_kernel[(triton.cdiv(DV, BV), B * NH)](
+    _mlstm_step_kernel[(B * NH, triton.cdiv(DV, BV))](
         q, k, v, i, f, C, n, m, n_new, m_new, h,
-        scale=scale, eps=eps, DK=DK, DV=DV, BK=BK, BV=BV,
+        scale=scale, eps=eps, DK=DK, DV=DV, BK=BK, BV=BV, num_warps=num_warps,
     )  # fmt: skip
     return h.to(q.dtype), n_new, m_new
 
@@ -147,8 +138,7 @@ def mlstm_step_triton(
     contiguous float32 (the returned tensors are then the given ones); otherwise new tensors are returned. Use the
     returned state either way. Inference only: no autograd (train with ``mlstm_chunkwise_triton``).
     """
-    if not HAS_TRITON:
-        raise ImportError("the Triton mLSTM step needs triton: `pip install triton` (a GPU, or TRITON_INTERPRET=1)")
+    require_triton("the Triton mLSTM step")
     C, n, m = state
     B, NH, DK = q.shape
     DV = v.shape[-1]
@@ -156,6 +146,9 @@ def mlstm_step_triton(
     got = tuple(tuple(t.shape) for t in (k, v, i, f, C, n, m))
     if got != expected:
         raise ValueError(f"mLSTM step: shapes of k, v, i, f, C, n, m are {got}, expected {expected}")
+    reason = mlstm_step_unsupported(q, v)
+    if reason is not None:
+        raise ValueError(f"mlstm_step_triton: q {tuple(q.shape)}, v {tuple(v.shape)}: {reason}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, C, n, m)):
         raise RuntimeError("mlstm_step_triton updates the state in place and has no backward; call it under "
                            "torch.no_grad() or train with mlstm_chunkwise_triton")  # fmt: skip

@@ -16,42 +16,21 @@ since four [DH, DH] float32 blocks beyond that no longer fit in one program's re
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
 from .slstm_naive import SLSTMState, slstm_empty_state, slstm_recurrent
+from .triton_utils import HAS_TRITON, INTERPRETED, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the model then runs the PyTorch reference
-    HAS_TRITON = False
-
-# Triton decides at decoration (this import) whether the kernels run compiled or in its CPU interpreter.
-INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 MAX_FUSED_DH = 128
 _warned_fallback = False
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _logsigmoid(x):
-        return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
-
-    @triton.jit
-    def _sigmoid(x):
-        return 1.0 / (1.0 + tl.exp(-x))
-
-    @triton.jit
-    def _tanh(x):
-        e = tl.exp(-2.0 * tl.abs(x))
-        t = (1.0 - e) / (1.0 + e)
-        return tl.where(x < 0, -t, t)
+    from .triton_utils import logsigmoid as _logsigmoid
+    from .triton_utils import sigmoid as _sigmoid
+    from .triton_utils import tanh as _tanh
 
     @triton.jit
     def _load_r(r_ptr, i_h, DH: tl.constexpr, BD: tl.constexpr):
