@@ -5,6 +5,8 @@ lengths that leave a partial chunk), with and without initial states (m = 0, m =
 Tolerances are relative L2 errors ``||kernel - reference|| / ||reference||``:
 - float32: 1e-4. Both compute in float32 and differ only in summation order; the exponential gates (pre-activations
   of scale 2 here) and the normaliser amplify that to a few 1e-6 on outputs and ~1e-5 on gradients.
+- float32 with torch.set_float32_matmul_precision("high"): 5e-3. The dots then run in TF32 on a GPU, whose operands
+  keep float16's 10-bit mantissa (see float16 below); the interpreter multiplies in float32.
 - bfloat16: 3e-2, float16: 5e-3, against the reference run on the same rounded inputs. The kernel also rounds every
   matmul operand (q, k, v, the decay-weighted score matrix, the chunk states and their gradients) to the input dtype
   (2^-8 relative for bfloat16, 2^-11 for float16), as a tensor-core kernel must; measured up to 1.2e-2 (bfloat16)
@@ -20,6 +22,7 @@ from xlstm_hf.mlstm_naive import mlstm_chunkwise
 mlstm_chunk = load_kernels("mlstm_chunk")
 
 FP32_TOL = 1e-4
+TF32_TOL = 5e-3
 LOW_PRECISION_TOL = {torch.bfloat16: 3e-2, torch.float16: 5e-3}
 CHUNK = 16
 
@@ -127,3 +130,28 @@ def test_chunk_matches_naive_default_chunk():
     assert_rel_close(h, h_ref, FP32_TOL, "h")
     for a, b in zip(state, state_ref, strict=True):
         assert_rel_close(a, b, FP32_TOL, "state")
+
+
+@pytest.fixture
+def tf32_matmuls():
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+def test_chunk_fp32_follows_torch_matmul_precision(tf32_matmuls):
+    leaves, initial = make_inputs(S=40, state="random")
+    check(leaves, initial, TF32_TOL)
+
+
+def test_chunk_unsupported_shapes_name_the_reason():
+    leaves, _ = make_inputs(S=5)
+    q, v = leaves[0], leaves[2]
+    assert mlstm_chunk.mlstm_chunkwise_unsupported(q, v, 64) is None
+    assert "chunk_size=24" in mlstm_chunk.mlstm_chunkwise_unsupported(q, v, 24)
+    wide = torch.zeros(1, 2, 5, 520, device=DEVICE)
+    assert "DK=520" in mlstm_chunk.mlstm_chunkwise_unsupported(wide, v, 64)
+    assert "int" in mlstm_chunk.mlstm_chunkwise_unsupported(q.to(torch.int32), v, 64)
+    with pytest.raises(ValueError, match=r"q \(1, 2, 5, 20\).*chunk_size=24"):
+        mlstm_chunk.mlstm_chunkwise_triton(*leaves, chunk_size=24)

@@ -72,3 +72,12 @@ def test_step_refuses_autograd():
     inputs[0].requires_grad_()
     with pytest.raises(RuntimeError, match="no backward"):
         mlstm_step.mlstm_step_triton(*inputs, tuple(st))
+
+
+def test_step_unsupported_shapes_name_the_reason():
+    inputs, st = make_inputs()
+    q, v = inputs[0], inputs[2]
+    assert mlstm_step.mlstm_step_unsupported(q, v) is None
+    wide = torch.zeros(2, 2, 2048, device=DEVICE)
+    assert "DV=2048" in mlstm_step.mlstm_step_unsupported(q, wide)
+    assert "float64" in mlstm_step.mlstm_step_unsupported(q.double(), v)

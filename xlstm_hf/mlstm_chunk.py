@@ -444,28 +444,34 @@ class _ChunkLaunch:
 
 
 def _launch(B: int, NH: int, S: int, DK: int, DV: int, chunk_size: int, dtype: torch.dtype, device) -> _ChunkLaunch:
-    """Tiles and warps from the compile figures of ``tests/test_kernel_compile.py`` (benchmarks/RESULTS.md).
+    """Tiles and warps, chosen from the compile figures of ``tests/test_kernel_compile.py`` (register spills and
+    shared memory per target at the 7B and paper head shapes, benchmarks/RESULTS.md):
 
-    - Intra-chunk kernels: 64-wide feature tiles with 4 warps hold a [BL, BL] score block, a [BL, 64] accumulator
-      and their operands within 255 registers per thread; float32 operands with "ieee" dots (FMA units, no operand
-      packing) need twice the registers, hence 8 warps.
-    - Chunk-state kernels run the recurrence over the NC chunks one chunk after another, so at batch 1 their
+    - 8 warps everywhere: with 4, the [BL, BL] score block, a [BL, BV] accumulator and the dot operands of the
+      intra-chunk kernels need 255 registers and spill (up to 1 KB per thread at 64 x 64 tiles on sm_80).
+    - Half-precision operands: 64 x 64 feature tiles on sm_90 and newer, BK 32 on sm_80 (whose mma.sync operands
+      stay in registers; 64 x 64 spills there). float32 in TF32: BK 32, BV 64 on both.
+    - float32 in full precision ("ieee", torch's "highest"): the dots run on FMA units, which hold a whole K-long
+      row of each operand per thread; 32 x 32 tiles and chunks of at most 32 positions compile without spills
+      (64-long chunks spill 10-30 KB per thread). The chunk length changes the summation order only.
+    - The chunk-state kernels run the recurrence over the NC chunks one after another, so at batch 1 their
       programs, not their tiles, are the parallelism: tiles are halved (down to 16) until the launch has at least
-      two programs per SM (7B heads at batch 1: 8 heads x 4 x 8 tiles of 64 x 64 = 256 programs for 264 slots on
-      an H100; with 64 x 32 tiles, 512).
+      two programs per SM (7B heads at batch 1 on an H100: 512 programs of 64 x 32 instead of 256 of 64 x 64).
     """
-    _, sm_count = device_properties(device)
-    BL = min(chunk_size, max(16, triton.next_power_of_2(S)))
-    BK, BV = pow2_tile(DK, 64), pow2_tile(DV, 64)
+    capability, sm_count = device_properties(device)
+    precision = dot_precision(dtype)
+    ieee = precision == "ieee"
+    BL = min(32 if ieee else chunk_size, max(16, triton.next_power_of_2(S)))
+    half = dtype in (torch.bfloat16, torch.float16)
+    BK = pow2_tile(DK, 64 if half and capability[0] >= 9 else 32)
+    BV = pow2_tile(DV, 32 if ieee else 64)
     SK, SV = BK, BV
     while B * NH * triton.cdiv(DK, SK) * triton.cdiv(DV, SV) < 2 * sm_count and max(SK, SV) > 16:
         if SV >= SK:
             SV //= 2
         else:
             SK //= 2
-    precision = dot_precision(dtype)
-    num_warps = 8 if precision == "ieee" else 4
-    return _ChunkLaunch(BL, BK, BV, SK, SV, num_warps, num_stages=2, precision=precision)
+    return _ChunkLaunch(BL, BK, BV, SK, SV, num_warps=8, num_stages=2, precision=precision)
 
 
 def mlstm_chunkwise_unsupported(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> str | None:
