@@ -198,18 +198,6 @@ def test_long_prompt_prefills_in_bounded_memory():
     assert grown_mb < 150, f"peak memory grew by {grown_mb:.0f} MB"
 
 
-def test_compiled_decode_step_gives_the_same_tokens():
-    model = make("mixed")
-    prompt = torch.randint(1, 96, (2, 6))
-    eager = model.generate(prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    model.config.compile_decode = True
-    compiled = model.generate(
-        prompt, max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
-    assert torch.equal(eager.sequences, compiled.sequences)
-    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), **LOGIT_TOL)
-
-
 @pytest.mark.parametrize("family", ["mixed", "7b"])
 def test_generate_from_inputs_embeds(family):
     """The prompt as embeddings (first step) and then token ids: the same new tokens as from the ids."""
@@ -222,95 +210,30 @@ def test_generate_from_inputs_embeds(family):
     assert torch.equal(from_embeds, from_ids[:, 9:])
 
 
-def test_plain_decode_step_equals_general_forward():
-    """A one-token step with a cache takes the lean `_decode_step` path; with output_hidden_states it takes the
-    general forward. Both give the same logits and state, and use_cache=False returns no cache."""
+def test_one_token_step_returns_the_cache_it_was_asked_for():
+    """A one-token step after a prefill: the same logits and state with or without use_cache and
+    output_hidden_states, and use_cache=False returns no cache (the state is still written into the one passed)."""
     model = make("mixed")
     prompt = torch.randint(1, 96, (2, 7))
     token = torch.randint(1, 96, (2, 1))
     with torch.no_grad():
-        lean_cache = model(prompt, use_cache=True).cache
-        general_cache = model(prompt, use_cache=True).cache
-        lean = model(token, cache=lean_cache, use_cache=False)
-        general = model(token, cache=general_cache, use_cache=True, output_hidden_states=True)
-    assert lean.cache is None and general.cache is general_cache
-    torch.testing.assert_close(lean.logits, general.logits, atol=1e-6, rtol=1e-6)
-    for a, b in zip(lean_cache.states, general_cache.states, strict=True):
-        for x, y in zip(a, b, strict=True):
-            torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
-    assert lean_cache.get_seq_length() == general_cache.get_seq_length() == 8
-
-
-class _CountBmm(torch.utils._python_dispatch.TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.bmm = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.bmm += func is torch.ops.aten.bmm.default
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_split_product_equals_the_linear(two_threads, bias):
-    """`linear` runs a decoding step's product over slices of the weight's rows (one per thread): the same values as
-    the module for 1 to 16 rows; 17 rows, gradients, bfloat16, a hooked module, one thread or a small weight call the
-    module itself."""
-    from xlstm_hf.modeling_xlstm import linear
-
-    torch.manual_seed(0)
-    m = torch.nn.Linear(256, 384, bias=bias)
-    for rows in (1, 5, 16):
-        x = torch.randn(rows, 1, 256)
-        with torch.no_grad(), _CountBmm() as counted:
-            y = linear(m, x)
-        assert counted.bmm == 1 and y.shape == (rows, 1, 384)
-        torch.testing.assert_close(y, m(x).detach(), atol=1e-5, rtol=1e-5)
-    x = torch.randn(17, 1, 256)
-    with torch.no_grad(), _CountBmm() as counted:
-        linear(m, x)
-        linear(m.to(torch.bfloat16), x.to(torch.bfloat16))
-        m.float()
-        linear(torch.nn.Linear(64, 64), x[:1, :, :64])
-        torch.set_num_threads(1)
-        linear(m, x[:1])
-        torch.set_num_threads(2)
-        handle = m.register_forward_hook(lambda mod, inp, out: out)
-        linear(m, x[:1])
-        handle.remove()
-    with _CountBmm() as with_grad:
-        y = linear(m, x[:1])
-    assert counted.bmm == 0 and with_grad.bmm == 0 and y.requires_grad
-
-
-def test_split_products_give_the_same_tokens(two_threads):
-    """A model whose lm_head and feed-forward are large enough for the split products: the same greedy tokens and
-    logits (float32 tolerance) with two threads as with one, where every product runs whole."""
-    model = make("7b", vocab_size=1024, hidden_size=64)
-    prompt = torch.randint(1, 1024, (2, 7))
-    kwargs = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
-    with _CountBmm() as counted:
-        split = model.generate(prompt, **kwargs)
-    torch.set_num_threads(1)
-    whole = model.generate(prompt, **kwargs)
-    assert counted.bmm > 0
-    assert torch.equal(split.sequences, whole.sequences)
-    torch.testing.assert_close(torch.stack(split.logits), torch.stack(whole.logits), **LOGIT_TOL)
+        cache_a = model(prompt, use_cache=True).cache
+        cache_b = model(prompt, use_cache=True).cache
+        a = model(token, cache=cache_a, use_cache=False)
+        b = model(token, cache=cache_b, use_cache=True, output_hidden_states=True)
+    assert a.cache is None and b.cache is cache_b and len(b.hidden_states) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-6, rtol=1e-6)
+    for x, y in zip(cache_a.states, cache_b.states, strict=True):
+        for s, t in zip(x, y, strict=True):
+            torch.testing.assert_close(s, t, atol=1e-6, rtol=1e-6)
+    assert cache_a.get_seq_length() == cache_b.get_seq_length() == 8
 
 
 @pytest.mark.parametrize("family", ["mixed", "7b"])
-def test_decode_step_compiles_without_graph_breaks(two_threads, family):
-    """What compile_decode compiles is one graph, split products included (their thread count is a constant)."""
-    model = make(family, vocab_size=1024, hidden_size=64)
+def test_decoding_step_compiles_without_graph_breaks(family):
+    """The whole model's one-token step with a cache is one graph for torch.compile."""
+    model = make(family)
     with torch.no_grad():
-        cache = model(torch.randint(1, 1024, (1, 7)), use_cache=True).cache
-        explained = torch._dynamo.explain(model._decode_step)(torch.tensor([[3]]), list(cache.states))
+        cache = model(torch.randint(1, 96, (1, 7)), use_cache=True).cache
+        explained = torch._dynamo.explain(model)(torch.tensor([[3]]), cache=cache)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]

@@ -46,9 +46,10 @@ class xLSTMConfig(PreTrainedConfig):
         backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
         mlstm_eps: epsilon added to the mLSTM normaliser.
         state_dtype: dtype of the recurrent states in the cache (``"float32"`` whatever the weights' dtype).
-        compile_decode: run each single-token decoding step through ``torch.compile`` (compiled on the first step of
-            each batch size: 25 s on 2 CPU cores with a cold inductor cache, 5 s warm; then about 4x the eager step's
-            tokens/s at batch 1 on CPU). Off by default.
+        fuse_cross_entropy: with ``labels``, compute the (soft-capped) logits' cross-entropy by one autograd
+            function over the head's output (``fused_ops.LogitsLossFunction``) instead of autograd through the cap,
+            the upcast and the loss: one or two logits-sized tensors per step instead of six (chosen at construction;
+            a custom ``loss_function`` always runs unfused).
         max_inference_chunksize: prompts longer than this are processed in pieces of this length when no gradient is
             needed, so that memory stays bounded (``None`` disables it).
 
@@ -92,7 +93,7 @@ class xLSTMConfig(PreTrainedConfig):
     mlstm_eps: float = 1e-6
     state_dtype: str = "float32"
     max_inference_chunksize: int | None = 4096
-    compile_decode: bool = False
+    fuse_cross_entropy: bool = True
     # "paper"
     mlstm_proj_factor: float = 2.0
     conv1d_kernel_size: int = 4
@@ -185,7 +186,7 @@ class xLSTMConfig(PreTrainedConfig):
         check_float("gate_soft_cap", 0.0, allow_none=True)
         check_float("output_logit_soft_cap", 0.0, allow_none=True)
         check_float("initializer_range", 0.0, strict=False)
-        for field in ("use_bias", "add_out_norm", "tie_word_embeddings", "use_cache", "compile_decode"):
+        for field in ("use_bias", "add_out_norm", "tie_word_embeddings", "use_cache", "fuse_cross_entropy"):
             if not isinstance(getattr(self, field), bool):
                 fail(field, "must be a bool")
 

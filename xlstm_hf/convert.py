@@ -1,21 +1,106 @@
-"""Conversion of the reference implementations' checkpoints into xlstm_hf (not imported by the model files).
+"""Conversion of the reference implementations' checkpoints into xlstm_hf.
 
 - ``convert_from_xlstm_package(model)``: an ``xlstm.xLSTMLMModel`` (any mix of mLSTM and sLSTM blocks, either sLSTM
   backend) -> an equivalent ``xLSTMForCausalLM``. The package is never imported here: the model is read through its
   attributes.
 - ``convert_transformers_xlstm(path, out)``: a directory (or Hub repo) of transformers' built-in xLSTM -> a
-  ``save_pretrained`` directory of xlstm_hf. ``xLSTMForCausalLM.from_pretrained(path)`` does the same on load.
+  ``save_pretrained`` directory of xlstm_hf. ``xLSTMForCausalLM.from_pretrained(path)`` does the same on load,
+  through ``load_transformers_xlstm`` and ``check_transformers_xlstm_load`` (so the modeling file imports this one,
+  which imports the model only inside the functions that build one; it never imports the xlstm package).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
 from .configuration_xlstm import xLSTMConfig
-from .modeling_xlstm import xLSTMForCausalLM
+
+if TYPE_CHECKING:
+    from .modeling_xlstm import xLSTMForCausalLM, xLSTMPreTrainedModel
+
+
+def split_fused_xlstm_weights(state: dict[str, torch.Tensor], config: xLSTMConfig) -> dict[str, torch.Tensor]:
+    """transformers' built-in xLSTM with ``weight_mode="fused"`` keeps q/k/v/output-gate, input/forget gate and the
+    two FFN up-projections each in one matrix; ours keeps them apart (the ``"single"`` names)."""
+    qk, vd, NH = config.qk_dim, config.v_dim, config.num_heads
+    splits = {
+        "mlstm_layer.qkv_opreact": (("q", "k", "v", "ogate_preact"), (qk, qk, vd, vd)),
+        "mlstm_layer.ifgate_preact": (("igate_preact", "fgate_preact"), (NH, NH)),
+        "ffn.proj_up_gate_z": (("proj_up_gate", "proj_up"), (config.ffn_dim, config.ffn_dim)),
+    }
+    out = {}
+    for key, value in state.items():
+        for fused, (names, sizes) in splits.items():
+            if f".{fused}." in key:
+                head, tail = key.split(f".{fused}.")
+                parent = fused.rsplit(".", 1)[0] if "." in fused else ""
+                for name, part in zip(names, torch.split(value, sizes, dim=0), strict=True):
+                    out[f"{head}.{parent + '.' if parent else ''}{name}.{tail}"] = part.clone()
+                break
+        else:
+            out[key] = value
+    return out
+
+
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download", "proxies")
+
+
+def read_safetensors_checkpoint(path: Any, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint, local or on the Hub."""
+    from safetensors.torch import load_file
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    single = cached_file(path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub)
+    if single is not None:
+        return load_file(single)
+    index = cached_file(path, SAFE_WEIGHTS_INDEX_NAME, **hub)
+    with open(index) as fh:
+        shards = sorted(set(json.load(fh)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load_file(cached_file(path, shard, **hub)))
+    return state
+
+
+def _only_tied(model: nn.Module, missing: list[str]) -> bool:
+    return model.config.tie_word_embeddings and set(missing) <= {"lm_head.weight"}
+
+
+def load_transformers_xlstm(
+    cls: type[xLSTMPreTrainedModel], path: Any, source: dict[str, Any], hub: dict[str, Any], kwargs: dict[str, Any]
+) -> xLSTMPreTrainedModel:
+    """A checkpoint of transformers' built-in xLSTM with ``weight_mode="fused"`` (config dict ``source``) as ``cls``:
+    its weights split into ours by ``split_fused_xlstm_weights``, every key accounted for."""
+    config = xLSTMConfig.from_dict(source)
+    del config.source_weight_mode
+    model = cls(config)
+    prefix = "" if hasattr(model, "lm_head") else "backbone."
+    state = split_fused_xlstm_weights(read_safetensors_checkpoint(path, hub), config)
+    state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if not _only_tied(model, [k])] or unexpected:
+        raise ValueError(f"{path}: fused transformers xLSTM checkpoint: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+    if isinstance(dtype, torch.dtype):
+        model = model.to(dtype)
+    return model.eval()
+
+
+def check_transformers_xlstm_load(model: nn.Module, path: Any, info: dict[str, list[str]]) -> None:
+    """After ``from_pretrained`` of a transformers xLSTM checkpoint (``weight_mode="single"``, our names): raise
+    unless every weight was found and used (the tied head excepted)."""
+    del model.config.source_weight_mode
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v and not (k == "missing_keys" and _only_tied(model, v))}
+    if problems:
+        raise ValueError(f"{path}: the transformers xLSTM checkpoint does not map onto xlstm_hf's layout: {problems}")
+
 
 _ACTIVATIONS = {"gelu": "gelu", "swish": "silu", "relu": "relu"}
 
@@ -138,6 +223,8 @@ def convert_from_xlstm_package(model: Any) -> xLSTMForCausalLM:
     """An ``xlstm.xLSTMLMModel`` in, an ``xLSTMForCausalLM`` with the same logits (float32) out."""
     config = config_from_xlstm_package(model.config)
     state = state_dict_from_xlstm_package(model, config)
+    from .modeling_xlstm import xLSTMForCausalLM
+
     ours = xLSTMForCausalLM(config)
     missing, unexpected = ours.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
@@ -151,6 +238,8 @@ def convert_from_xlstm_package(model: Any) -> xLSTMForCausalLM:
 def convert_transformers_xlstm(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> xLSTMForCausalLM:
     """A checkpoint of transformers' built-in xLSTM (a local directory or a Hub repo id) as an xLSTMForCausalLM;
     saved to ``out`` with ``save_pretrained`` when given."""
+    from .modeling_xlstm import xLSTMForCausalLM
+
     model = xLSTMForCausalLM.from_pretrained(path, **kwargs)
     if out is not None:
         model.save_pretrained(out)
@@ -158,8 +247,11 @@ def convert_transformers_xlstm(path: str | Path, out: str | Path | None = None, 
 
 
 __all__ = [
+    "check_transformers_xlstm_load",
     "config_from_xlstm_package",
     "convert_from_xlstm_package",
     "convert_transformers_xlstm",
+    "load_transformers_xlstm",
+    "split_fused_xlstm_weights",
     "state_dict_from_xlstm_package",
 ]

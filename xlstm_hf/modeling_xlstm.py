@@ -1,15 +1,15 @@
 """xLSTM models for transformers: the paper's mLSTM/sLSTM stacks and the xLSTM-7B stack.
 
-Reading order: norms, conv, projections, mLSTM layers, sLSTM layer, feed-forward, blocks, cache, PreTrainedModel,
-xLSTMModel, xLSTMForCausalLM. `mlstm_sequence` / `slstm_sequence` are the one place where kernel and reference are
-chosen. Every tensor inside a layer is [B, S, D] (residual stream) or [B, NH, S, DH] (heads).
+Reading order: norms, conv, head-wise projection, the recurrent ops (the one place where kernel and reference are
+chosen), mLSTM layers, sLSTM layer, feed-forward, block, cache, PreTrainedModel, xLSTMModel, xLSTMForCausalLM. Every
+tensor inside a layer is [B, S, D] (residual stream) or [B, NH, S, DH] (heads). A layer calls its modules and nothing
+else: quantisers, PEFT, accelerate hooks, FSDP and exporters see ordinary `nn.Linear`s.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,19 +23,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .configuration_xlstm import xLSTMConfig
-from .fused_ops import (
-    FFN_ACTIVATIONS,
-    FFN_ACTIVATIONS_INPLACE,
-    GatedFFNFunction,
-    LogitsLossFunction,
-    RMSNormFunction,
-    cpu_linear,
-    fresh_add,
-    fresh_mul,
-    functorch_active,
-    rms_norm,
-    soft_cap,
-)
+from .convert import HUB_KWARGS, check_transformers_xlstm_load, load_transformers_xlstm
+from .fused_ops import LogitsLossFunction, functorch_active
 from .mlstm_chunk import HAS_TRITON, mlstm_chunkwise_triton
 from .mlstm_chunk_torch import mlstm_chunkwise_torch
 from .mlstm_naive import (
@@ -48,21 +37,23 @@ from .mlstm_naive import (
 )
 from .mlstm_step import mlstm_step_triton
 from .slstm_fused import slstm_triton
-from .slstm_naive import SLSTMState, slstm_recurrent
+from .slstm_naive import SLSTMState, slstm_empty_state, slstm_recurrent, slstm_recurrent_step
 
 logger = logging.get_logger(__name__)
 
 # Forget-gate pre-activation of a padded position: logsigmoid(1e4) == 0.0 in float32, so the memory is not decayed.
 MASKED_FGATE = 1.0e4
 
+FFN_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
 
-def _dropout(dropout: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
-    """The module's dropout, skipped when it is the identity (p = 0 or eval): a decoding step has eight of them."""
-    return dropout(x) if dropout.training and dropout.p > 0 else x
+
+def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap * tanh(x / cap) in float32, cast back to x's dtype; the identity without a cap (xLSTM-7B gates, logits)."""
+    return x if cap is None else (cap * torch.tanh(x.float() / cap)).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last dim with float32 reductions; weight (ones) and optional bias."""
+    """LayerNorm over the last dim with float32 statistics; weight (ones) and optional bias."""
 
     def __init__(self, dim: int, eps: float, bias: bool = False):
         super().__init__()
@@ -71,45 +62,26 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fresh_mul(F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype), self.weight)
-        return fresh_add(y, self.bias) if self.bias is not None else y
-
-    def foldable(self) -> bool:
-        """Whether a caller may use the subclass's `normalize` and fold the weight into its next product: no bias, and
-        no hook that expects the module called (an accelerate hook loads offloaded weights in it)."""
-        return self.bias is None and not _hooked(self)
+        y = F.layer_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
+        return y + self.bias if self.bias is not None else y
 
 
 class RMSNorm(LayerNorm):
-    """RMSNorm over the last dim with float32 reductions (the xLSTM-7B norm)."""
+    """RMSNorm over the last dim with float32 statistics (the xLSTM-7B norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._norm(x, self.weight)
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """x / rms(x), without the weight: for a caller that folds the weight into its next products' weights
-        ((x / rms * w) W^T = (x / rms) (W w)^T), which `foldable` allows."""
-        return self._norm(x, None)
-
-    def _norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad))
-        if needs_grad and not functorch_active():  # under torch.func, autograd through rms_norm's ops
-            return RMSNormFunction.apply(x, weight, self.bias, self.eps)
-        return rms_norm(x, weight, self.bias, self.eps)[0]
+        y = F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype) * self.weight
+        return y + self.bias if self.bias is not None else y
 
 
 class MultiHeadLayerNorm(LayerNorm):
     """LayerNorm of every head separately: [B, NH, S, DH] -> [B, S, NH * DH], weight over NH * DH."""
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-head normalisation alone, before weight and bias: [B, NH, S, DH] -> [B, S, NH * DH]."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, NH, S, DH = x.shape
         y = F.layer_norm(x.float(), (DH,), eps=self.eps).to(x.dtype)  # [B, NH, S, DH]
-        return y.transpose(1, 2).reshape(B, S, NH * DH)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = fresh_mul(self.normalize(x), self.weight)
-        return fresh_add(y, self.bias) if self.bias is not None else y
+        y = y.transpose(1, 2).reshape(B, S, NH * DH) * self.weight
+        return y + self.bias if self.bias is not None else y
 
 
 @dataclass
@@ -174,7 +146,8 @@ class CausalConv1d(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(B, self.kernel_size - 1, D)
         xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, KS - 1 + S, D]
-        y = self.conv(xs.transpose(1, 2)).transpose(1, 2)  # the module (no padding): its hooks load offloaded weights
+        y = self.conv(xs.transpose(1, 2)).transpose(1, 2)
+        # a copy, not a view that would keep the whole [B, KS - 1 + S, D] input alive in the cache
         return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :].contiguous()
 
 
@@ -189,125 +162,38 @@ class HeadwiseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape[:-1]
-        x = x.reshape(-1, self.num_heads, x.shape[-1] // self.num_heads).transpose(0, 1)  # [NH, N, DI]
-        y = torch.bmm(x, self.weight.transpose(1, 2)).transpose(0, 1).reshape(*shape, -1)  # [.., NH * DO]
+        x = x.unflatten(-1, (self.num_heads, -1))  # [.., NH, DI]
+        y = torch.einsum("...hi,hoi->...ho", x, self.weight).flatten(-2)  # [.., NH * DO]
         return y + self.bias if self.bias is not None else y
 
 
-def _hooked(m: nn.Module) -> bool:
-    """Whether m has an accelerate hook (which may load offloaded weights when m is called) or forward hooks."""
-    return hasattr(m, "_hf_hook") or bool(m._forward_hooks or m._forward_pre_hooks)
+# The recurrent ops. Each function below is the one place that chooses what runs that op: the Triton kernels
+# (`backend="auto"` on CUDA; `"triton"` wherever Triton can run, the CPU interpreter with TRITON_INTERPRET=1 included)
+# or the PyTorch implementations; every fallback is warned once, naming why.
 
 
-def _plain_linears(linears: tuple[nn.Module, ...] | list[nn.Module], x: torch.Tensor) -> bool:
-    """Whether these modules may be bypassed by using their weights directly: plain nn.Linear of x's dtype, without an
-    accelerate hook or forward hooks. PEFT adapters, offloaded weights and hooked modules are called as modules."""
-    return all(type(m) is nn.Linear and m.weight.dtype == x.dtype and not _hooked(m) for m in linears)
-
-
-@torch.compiler.assume_constant_result
-def _threads() -> int:
-    """Intra-op threads; a constant inside a compiled graph (torch.get_num_threads would break it), which is safe:
-    any slicing of `linear` gives the same product."""
-    return torch.get_num_threads()
-
-
-def _decoding_step(x: torch.Tensor) -> bool:
-    """Whether x [..., D] is a decoding step's input: at most 16 rows and no autograd, whose products `linear`
-    splits (so they are left as they are, not folded or fused)."""
-    return not torch.is_grad_enabled() and x.numel() // x.shape[-1] <= 16
-
-
-def linear(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """m(x). A plain nn.Linear (`_plain_linears`) of many float32 rows on a CPU runs through oneDNN (`cpu_linear`).
-    For a few float32 rows on a CPU without autograd (a decoding step), it runs as one batched product over
-    P = gcd(out_features, threads) slices of its weight's rows. Decoding the CPU benchmark model at batch 1 (2
-    threads), against the module's product:
-      - eager, MKL computes the slices on every thread where it computes a one-row product on one: 3.4 - 4.0 against
-        3.7 - 4.1 ms per token while the weights come from memory, within 3% when they stay in cache (and at batch
-        8); only for weights of 64K entries or more, as smaller ones lose more to the extra op than they gain;
-      - compiled (`config.compile_decode`), inductor makes the batched one-row product its own multithreaded C++
-        reduction, fused with its neighbours, where it leaves a one-row mm to MKL: 0.89 - 0.90 against 2.0 - 3.1 ms
-        per token (every product split while compiling)."""
-    if x.device.type != "cpu" or type(m) is not nn.Linear:
-        return m(x)
-    if not _decoding_step(x):
-        return cpu_linear(x, m.weight, m.bias) if _plain_linears((m,), x) else m(x)
-    K, N = m.in_features, m.out_features
-    rows = x.numel() // K
-    parts = math.gcd(N, _threads())
-    if (
-        parts < 2
-        or N * K < (0 if torch.compiler.is_compiling() else 65536)
-        or x.dtype != torch.float32
-        or not m.weight.is_contiguous()
-        or not _plain_linears((m,), x)
-    ):
-        return m(x)
-    slices = m.weight.view(parts, N // parts, K).transpose(1, 2)  # [P, K, N / P]
-    y = torch.bmm(x.reshape(1, rows, K).expand(parts, rows, K), slices)  # [P, rows, N / P]
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], N)
-    return y if m.bias is None else y.add_(m.bias)
-
-
-def fused_linears(
-    owner: nn.Module, names: tuple[str, ...], x: torch.Tensor, in_scale: torch.Tensor | None = None
-) -> list[torch.Tensor]:
-    """The projections `owner.<name>(x * in_scale)` of one input as a single matmul over concatenated weights: one
-    pass over x instead of one per projection (the gate projections have only NH outputs each), with `in_scale` (a
-    norm's weight, [in_features]) folded into the weights. Used only for many rows (training, prefill), where
-    concatenating the weights costs little next to the activations; a single decode step calls the modules. The
-    modules are looked up on every call (see `_plain_linears`)."""
-    linears = [getattr(owner, name) for name in names]
-    if x.numel() // x.shape[-1] < 64 or not _plain_linears(linears, x):
-        x = x if in_scale is None else x * in_scale
-        return [linear(m, x) for m in linears]
-    weight = torch.cat([m.weight for m in linears])
-    weight = weight if in_scale is None else weight * in_scale
-    sizes = [m.out_features for m in linears]
-    if all(m.bias is not None for m in linears):
-        return list(cpu_linear(x, weight, torch.cat([m.bias for m in linears])).split(sizes, dim=-1))
-    # some biases (the 7B gates' only): added to their own outputs, not as zeros concatenated into a full-width bias
-    # whose gradient sums every column
-    outs = cpu_linear(x, weight).split(sizes, dim=-1)
-    return [y if m.bias is None else y + m.bias for m, y in zip(linears, outs, strict=True)]
-
-
-def _apply_mask_to_gates(
-    i: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """i, f [B, NH, S] float32; mask [B, S] bool. A padded position neither writes nor decays the memory."""
-    if mask is None:
-        return i, f
-    keep = mask[:, None, :]
-    return i.masked_fill(~keep, MASKED_IGATE), f.masked_fill(~keep, MASKED_FGATE)
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning(message)
-
-
-def _use_triton(config: xLSTMConfig, t: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve this call: `backend="auto"` on CUDA, `"triton"` anywhere Triton can run
-    (CUDA, or the CPU interpreter with TRITON_INTERPRET=1); otherwise the PyTorch reference, with a one-time warning
-    naming why when the kernels were asked for."""
+def _triton_serves(config: xLSTMConfig, t: torch.Tensor, op: str, unsupported: str | None = None) -> bool:
+    """Whether the Triton kernel of `op` runs for inputs like `t`; `unsupported` is the kernel's own reason to refuse
+    these shapes (None: it takes them)."""
     if config.backend == "torch" or (config.backend == "auto" and not t.is_cuda):
         return False
     if not HAS_TRITON:
-        _warn_once(f'xLSTM backend="{config.backend}": triton is not installed, running the PyTorch reference '
-                   "(pip install triton)")  # fmt: skip
-        return False
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        _warn_once(f'xLSTM backend="triton": the kernels need a CUDA device (or TRITON_INTERPRET=1), inputs are on '
-                   f"{t.device.type}: running the PyTorch reference")  # fmt: skip
-        return False
-    return True
+        why = "triton is not installed (pip install triton)"
+    elif not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        why = f"the kernels need a CUDA device (or TRITON_INTERPRET=1), inputs are on {t.device.type}"
+    else:
+        why = None if unsupported is None else f"the {op} kernel does not take {unsupported}"
+    if why is not None:
+        logger.warning_once(f'xLSTM backend="{config.backend}": {why}; running the PyTorch implementation')
+    return why is None
+
+
+def _mlstm_chunkwise_unsupported(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> str | None:
+    if max(q.shape[-1], v.shape[-1]) > 512:
+        return f"head dims ({q.shape[-1]}, {v.shape[-1]}) above 512"
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        return f"chunk_size={chunk_size} is not a power of two >= 16"
+    return None
 
 
 def mlstm_sequence(
@@ -318,59 +204,91 @@ def mlstm_sequence(
     f: torch.Tensor,
     state: MLSTMState | None,
     config: xLSTMConfig,
-    docs: DocumentLayout | None = None,
-) -> tuple[torch.Tensor, MLSTMState | None]:
-    """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] -> h [B, NH, S, DV], state. Chooses the kernel: the
-    Triton chunkwise kernel and fused step (see `_use_triton`), else the PyTorch reference in the form that
-    `config.mlstm_kernel` names. With `docs`: every document of packed rows from an empty state, no state out."""
-    if docs is not None:
-        i, f = _apply_mask_to_gates(docs.heads(i), docs.heads(f), docs.mask)
-        h, _ = mlstm_sequence(docs.heads(q), docs.heads(k), docs.heads(v), i, f, None, config)
-        return docs.heads(h, inverse=True), None
+) -> tuple[torch.Tensor, MLSTMState]:
+    """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] float32 -> h [B, NH, S, DV], state (C, n, m). The
+    form that `config.mlstm_kernel` names; the chunkwise form by the Triton kernel or its PyTorch twin."""
     eps, empty_m = config.mlstm_eps, config.mlstm_empty_max_state
-    triton_ok = _use_triton(config, q)
-    if q.shape[2] == 1:
-        B, NH, _, DK = q.shape
-        if state is None:
-            state = empty_state(B, NH, DK, v.shape[-1], empty_m, q.device)
-        step_args = (q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, eps)
-        if triton_ok and not torch.is_grad_enabled():
-            # updates the state in place: a decoding step owns the cache's tensors
-            h, state = mlstm_step_triton(*step_args)
-        else:
-            h, state = mlstm_recurrent_step(*step_args)
-        return h[:, :, None], state
     if config.mlstm_kernel == "parallel":
         return mlstm_parallel(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
     if config.mlstm_kernel == "recurrent":
         return mlstm_recurrent(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
-    if triton_ok:
-        chunk = config.chunk_size
-        if max(q.shape[-1], v.shape[-1]) > 512 or chunk < 16 or chunk & (chunk - 1):
-            _warn_once(f"xLSTM Triton chunkwise kernel: head dims ({q.shape[-1]}, {v.shape[-1]}) above 512 or "
-                       f"chunk_size={chunk} not a power of two >= 16: running the PyTorch reference")  # fmt: skip
-        else:
-            return mlstm_chunkwise_triton(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
-    return mlstm_chunkwise_torch(q, k, v, i, f, state, chunk_size=config.chunk_size, eps=eps, empty_m=empty_m)
+    chunk = config.chunk_size
+    if _triton_serves(config, q, "mLSTM chunkwise", _mlstm_chunkwise_unsupported(q, v, chunk)):
+        return mlstm_chunkwise_triton(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
+    return mlstm_chunkwise_torch(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
+
+
+def mlstm_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None,
+    config: xLSTMConfig,
+) -> tuple[torch.Tensor, MLSTMState]:
+    """One token: q, k [B, NH, DK]; v [B, NH, DV]; i, f [B, NH] -> h [B, NH, DV], state. The fused Triton step updates
+    the state in place (a decoding step owns the cache's tensors), so it serves only without autograd."""
+    if state is None:
+        state = empty_state(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], config.mlstm_empty_max_state, q.device)
+    if not torch.is_grad_enabled() and _triton_serves(config, q, "mLSTM step"):
+        return mlstm_step_triton(q, k, v, i, f, state, config.mlstm_eps)
+    return mlstm_recurrent_step(q, k, v, i, f, state, config.mlstm_eps)
 
 
 def slstm_sequence(
-    x: torch.Tensor,
-    r: torch.Tensor,
-    state: SLSTMState | None,
-    mask: torch.Tensor | None,
-    config: xLSTMConfig,
-    docs: DocumentLayout | None = None,
-) -> tuple[torch.Tensor, SLSTMState | None]:
-    """x [B, NH, S, 4 * DH]; r [NH, DH, 4 * DH] -> h [B, NH, S, DH], state. Chooses the kernel: the fused Triton
-    sLSTM (its time loop in one launch; heads above 128 fall back inside it with a warning) or the reference. With
-    `docs`: every document of packed rows from an empty state, no state out."""
-    if docs is not None:
-        h, _ = slstm_sequence(docs.heads(x), r, None, docs.mask, config)
-        return docs.heads(h, inverse=True), None
-    if _use_triton(config, x):
+    x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
+) -> tuple[torch.Tensor, SLSTMState]:
+    """x [B, NH, S, 4 * DH] gate pre-activations; r [NH, DH, 4 * DH]; mask [B, S] -> h [B, NH, S, DH], state."""
+    if _triton_serves(config, x, "sLSTM"):
         return slstm_triton(x, r, state, mask)
     return slstm_recurrent(x, r, state, mask)
+
+
+def slstm_step(
+    x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
+) -> tuple[torch.Tensor, SLSTMState]:
+    """One token: x [B, NH, 4 * DH]; mask [B] -> h [B, NH, DH], state."""
+    if _triton_serves(config, x, "sLSTM step"):
+        h, state = slstm_triton(x[:, :, None], r, state, None if mask is None else mask[:, None])
+        return h[:, :, 0], state
+    if state is None:
+        state = slstm_empty_state(x.shape[0], r.shape[0], r.shape[1], x.device)
+    h, state = slstm_recurrent_step(x, r, state, mask)
+    return h.to(x.dtype), state
+
+
+def _mask_gates(i: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """i, f [B, NH, S] float32; mask [B, S] bool. A padded position neither writes nor decays the memory."""
+    if mask is None:
+        return i, f
+    keep = mask[:, None, :]
+    return i.masked_fill(~keep, MASKED_IGATE), f.masked_fill(~keep, MASKED_FGATE)
+
+
+def run_mlstm(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    state: MLSTMState | None,
+    mask: torch.Tensor | None,
+    docs: DocumentLayout | None,
+    config: xLSTMConfig,
+) -> tuple[torch.Tensor, MLSTMState | None]:
+    """The mLSTM of a layer: q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] float32 -> h [B, NH, S, DV] and
+    the state; padded positions masked out of the gates; with `docs`, every document of packed rows from an empty
+    state (no state out); one token through the step."""
+    if docs is not None:
+        i, f = _mask_gates(docs.heads(i), docs.heads(f), docs.mask)
+        h, _ = mlstm_sequence(docs.heads(q), docs.heads(k), docs.heads(v), i, f, None, config)
+        return docs.heads(h, inverse=True), None
+    i, f = _mask_gates(i, f, mask)
+    if q.shape[2] == 1:
+        h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, config)
+        return h[:, :, None], state
+    return mlstm_sequence(q, k, v, i, f, state, config)
 
 
 def _init_spec(linear: nn.Linear, **spec: Any) -> nn.Linear:
@@ -406,25 +324,24 @@ class mLSTMLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m, conv_state) or None -> y [B, S, D], state."""
         B, S, _ = x.shape
-        NH = self.num_heads
         mlstm_state, conv_state = (None, None) if state is None else (state[:3], state[3])
-        x_m, z = linear(self.proj_up, x).chunk(2, dim=-1)  # [B, S, inner] each
-        if mask is not None:
+        x_m, z = self.proj_up(x).chunk(2, dim=-1)  # [B, S, inner] each
+        if mask is not None:  # padding must not enter the conv window
             x_m = x_m * mask[..., None].to(x_m.dtype)
         x_c, conv_state = self.conv1d(x_m, conv_state, docs)
         x_c = F.silu(x_c)
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)  # [B, S, inner] each
         qkv = torch.cat([q, k, v], dim=-1)
-        i = self.igate(qkv).transpose(1, 2).float()  # [B, NH, S]
-        f = self.fgate(qkv).transpose(1, 2).float()
-        i, f = _apply_mask_to_gates(i, f, mask)
-        q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
-        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, self.config, docs)
-        state = None if docs is not None else (*mlstm_state, conv_state)
+        i = self.igate(qkv).float().transpose(1, 2)  # [B, NH, S]
+        f = self.fgate(qkv).float().transpose(1, 2)
+        q, k, v = (t.view(B, S, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
+        h, mlstm_state = run_mlstm(q, k, v, i, f, mlstm_state, mask, docs, self.config)
         h = self.multihead_norm(h)  # [B, S, inner]
-        h = fresh_mul(fresh_add(self.learnable_skip * x_c, h), F.silu(z))
-        return _dropout(self.dropout, linear(self.proj_down, h)), state
+        y = self.proj_down((h + self.learnable_skip * x_c) * F.silu(z))
+        state = None if mlstm_state is None else (*mlstm_state, conv_state)
+        return self.dropout(y), state
 
 
 class mLSTM7BLayer(nn.Module):
@@ -448,31 +365,16 @@ class mLSTM7BLayer(nn.Module):
         self.gate_soft_cap = config.gate_soft_cap
 
     def forward(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        state: tuple | None,
-        docs: DocumentLayout | None = None,
-        in_scale: torch.Tensor | None = None,
+        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """x [B, S, D], times `in_scale` [D] when given (the block's norm weight, folded into the projections)."""
+        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m) or None -> y [B, S, D], state."""
         B, S, _ = x.shape
-        NH = self.num_heads
-        names = ("q", "k", "v", "ogate_preact", "igate_preact", "fgate_preact")
-        q, k, v, o, i, f = fused_linears(self, names, x, in_scale)
-        q, k, v = (t.view(B, S, NH, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
-        i = soft_cap(i.float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
-        f = soft_cap(f.float(), self.gate_soft_cap).transpose(1, 2)
-        i, f = _apply_mask_to_gates(i, f, mask)
-        h, state = mlstm_sequence(q, k, v, i, f, state, self.config, docs)  # [B, NH, S, DV]
-        norm, proj = self.multihead_norm, self.out_proj
-        if not _decoding_step(x) and norm.foldable() and _plain_linears((proj,), h):
-            # the norm's weight w folded into the projection: (gate * yhat * w) W^T = (gate * yhat) (W w)^T, a product
-            # over the [D, v_dim] weight instead of one over the activation forward and two (and a sum) backward
-            y = cpu_linear(fresh_mul(torch.sigmoid(o), norm.normalize(h)), proj.weight * norm.weight, proj.bias)
-        else:
-            y = linear(proj, fresh_mul(torch.sigmoid(o), norm(h)))
-        return _dropout(self.dropout, y), state
+        q, k, v = (t.view(B, S, self.num_heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
+        i = soft_cap(self.igate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
+        f = soft_cap(self.fgate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)
+        h, state = run_mlstm(q, k, v, i, f, state, mask, docs, self.config)  # [B, NH, S, DV]
+        y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h))
+        return self.dropout(y), state
 
 
 class sLSTMLayer(nn.Module):
@@ -498,26 +400,35 @@ class sLSTMLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """x [B, S, D]; mask [B, S] bool or None; state (h, c, n, m, conv_state) or None -> y [B, S, D], state."""
         B, S, _ = x.shape
         NH, DH = self.num_heads, self.head_dim
         slstm_state, conv_state = (None, None) if state is None else (state[:4], state[4])
+        x_c = x
         if self.conv1d is not None:
             x_in = x * mask[..., None].to(x.dtype) if mask is not None else x
             x_c, conv_state = self.conv1d(x_in, conv_state, docs)
             x_c = F.silu(x_c)
-        else:
-            x_c = x
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)  # [B, S, 4, D]
-        gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH)
-        gates = gates + self.bias[:, None, :]
-        h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config, docs)
-        state = None if docs is not None else (*slstm_state, conv_state)
-        y = _dropout(self.dropout, self.multihead_norm(h))  # [B, S, D]
-        return y, state
+        gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH) + self.bias[:, None]
+        if docs is not None:
+            h, _ = slstm_sequence(docs.heads(gates), self.recurrent_kernel, None, docs.mask, self.config)
+            h, slstm_state = docs.heads(h, inverse=True), None
+        elif S == 1:
+            h, slstm_state = slstm_step(gates[:, :, 0], self.recurrent_kernel, slstm_state, _first(mask), self.config)
+            h = h[:, :, None]
+        else:
+            h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config)
+        state = None if slstm_state is None else (*slstm_state, conv_state)
+        return self.dropout(self.multihead_norm(h)), state  # [B, S, D]
+
+
+def _first(mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if mask is None else mask[:, 0]
 
 
 class GatedFeedForward(nn.Module):
-    """act(proj_up_gate(x)) * proj_up(x) -> proj_down: GeLU-gated in the paper, SwiGLU in xLSTM-7B."""
+    """proj_down(act(proj_up_gate(x)) * proj_up(x)): GeLU-gated in the paper, SwiGLU in xLSTM-7B."""
 
     def __init__(self, config: xLSTMConfig):
         super().__init__()
@@ -526,37 +437,11 @@ class GatedFeedForward(nn.Module):
         self.proj_up = nn.Linear(D, H, bias=bias)
         # Wang init over the model width in the paper, over the FFN width in xLSTM-7B
         self.proj_down = _init_spec(nn.Linear(H, D, bias=bias), wang_dim=D if config.architecture == "paper" else H)
-        self.activation = config.ffn_activation
+        self.act = FFN_ACTIVATIONS[config.ffn_activation]
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, in_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """x [..., D], times `in_scale` [D] when given (the block's norm weight, folded into the up-projections)."""
-        # Two products rather than one over concatenated weights: the fused [B, S, 2 H] output is large enough that its
-        # fresh pages cost more than the second pass over x (training step 304 against 311 ms, 5.5k fewer page faults)
-        linears = (self.proj_up_gate, self.proj_up, self.proj_down)
-        fused = (
-            torch.is_grad_enabled()
-            and _plain_linears(linears, x)
-            and not torch.is_autocast_enabled(x.device.type)
-            and not functorch_active()
-        )
-        if in_scale is not None and not fused:
-            x = fresh_mul(x, in_scale)
-        if not torch.is_grad_enabled():
-            # in place only over a product that no hook can have handed in
-            plain = _plain_linears((self.proj_up_gate,), x)
-            act = FFN_ACTIVATIONS_INPLACE[self.activation] if plain else FFN_ACTIVATIONS[self.activation]
-            y = linear(self.proj_down, fresh_mul(act(linear(self.proj_up_gate, x)), linear(self.proj_up, x)))
-        elif fused:
-            weights = [t for m in linears for t in (m.weight, m.bias)]
-            if in_scale is not None:
-                weights[0], weights[2] = weights[0] * in_scale, weights[2] * in_scale
-            keep = x.device.type == "cpu"  # see GatedFFNFunction
-            y = GatedFFNFunction.apply(x.reshape(-1, x.shape[-1]), *weights, self.activation, keep)
-            y = y.view(*x.shape[:-1], -1)
-        else:
-            y = self.proj_down(FFN_ACTIVATIONS[self.activation](self.proj_up_gate(x)) * self.proj_up(x))
-        return _dropout(self.dropout, y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj_down(self.act(self.proj_up_gate(x)) * self.proj_up(x)))
 
 
 class xLSTMBlock(GradientCheckpointingLayer):
@@ -574,7 +459,6 @@ class xLSTMBlock(GradientCheckpointingLayer):
         else:
             self.norm_mlstm = norm(config.hidden_size, config.norm_eps, bias=bias)
             self.mlstm_layer = mLSTM7BLayer(config) if config.architecture == "7b" else mLSTMLayer(config)
-        self.fold_norms = config.architecture == "7b"  # RMSNorm before the 7B layer and the feed-forward
         if block_type == "s" or config.architecture == "7b":
             self.norm_ffn = norm(config.hidden_size, config.norm_eps, bias=bias)
             self.ffn = GatedFeedForward(config)
@@ -594,27 +478,12 @@ class xLSTMBlock(GradientCheckpointingLayer):
         warn that an in-place op on it would skip its pre-backward hook)."""
         if self.block_type == "s":
             y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state, docs)
-        elif self._fold(self.norm_mlstm, self.mlstm_layer, hidden_states):
-            x = self.norm_mlstm.normalize(hidden_states)
-            y, state = self.mlstm_layer(x, mask, state, docs, in_scale=self.norm_mlstm.weight)
         else:
             y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state, docs)
         hidden_states = hidden_states + y
-        state = state if return_state else None
-        if self.ffn is None:
-            return hidden_states, state
-        if self._fold(self.norm_ffn, self.ffn, hidden_states):
-            y = self.ffn(self.norm_ffn.normalize(hidden_states), in_scale=self.norm_ffn.weight)
-        else:
-            y = self.ffn(self.norm_ffn(hidden_states))
-        return hidden_states + y, state
-
-    def _fold(self, norm: nn.Module, consumer: nn.Module, x: torch.Tensor) -> bool:
-        """Whether the xLSTM-7B norm's weight goes into the next products' weights instead of over the activation:
-        training and prefill (a decoding step keeps its products as they are, see `linear`), and no hook on the
-        consumer, which would see its input without the weight. The norm's backward then makes four passes instead
-        of six and no weight gradient of its own (that comes from the [out, D] product of the fold)."""
-        return self.fold_norms and norm.foldable() and not _hooked(consumer) and not _decoding_step(x)
+        if self.ffn is not None:
+            hidden_states = hidden_states + self.ffn(self.norm_ffn(hidden_states))
+        return hidden_states, state if return_state else None
 
 
 def _out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
@@ -754,7 +623,7 @@ class xLSTMOutput(ModelOutput):
 
 @dataclass
 class xLSTMCausalLMOutput(ModelOutput):
-    """loss (scalar, with `labels`); logits [B, S, V]; cache; hidden_states as in xLSTMOutput."""
+    """loss (scalar, with `labels` or `shift_labels`); logits [B, S, V]; cache; hidden_states as in xLSTMOutput."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
@@ -772,55 +641,6 @@ def _wang_init_std(dim: int, num_blocks: int) -> float:
     return 2 / num_blocks / math.sqrt(dim)
 
 
-def split_fused_xlstm_weights(state: dict[str, torch.Tensor], config: xLSTMConfig) -> dict[str, torch.Tensor]:
-    """transformers' built-in xLSTM with ``weight_mode="fused"`` keeps q/k/v/output-gate, input/forget gate and the
-    two FFN up-projections each in one matrix; ours keeps them apart (the ``"single"`` names)."""
-    qk, vd, NH = config.qk_dim, config.v_dim, config.num_heads
-    splits = {
-        "mlstm_layer.qkv_opreact": (("q", "k", "v", "ogate_preact"), (qk, qk, vd, vd)),
-        "mlstm_layer.ifgate_preact": (("igate_preact", "fgate_preact"), (NH, NH)),
-        "ffn.proj_up_gate_z": (("proj_up_gate", "proj_up"), (config.ffn_dim, config.ffn_dim)),
-    }
-    out = {}
-    for key, value in state.items():
-        for fused, (names, sizes) in splits.items():
-            if f".{fused}." in key:
-                head, tail = key.split(f".{fused}.")
-                parent = fused.rsplit(".", 1)[0] if "." in fused else ""
-                for name, part in zip(names, torch.split(value, sizes, dim=0), strict=True):
-                    out[f"{head}.{parent + '.' if parent else ''}{name}.{tail}"] = part.clone()
-                break
-        else:
-            out[key] = value
-    return out
-
-
-_HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download", "proxies")
-
-
-def _read_safetensors_checkpoint(path: Any, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, local or on the Hub."""
-    import json
-
-    from safetensors.torch import load_file
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
-
-    single = cached_file(path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub)
-    if single is not None:
-        return load_file(single)
-    index = cached_file(path, SAFE_WEIGHTS_INDEX_NAME, **hub)
-    with open(index) as fh:
-        shards = sorted(set(json.load(fh)["weight_map"].values()))
-    state = {}
-    for shard in shards:
-        state.update(load_file(cached_file(path, shard, **hub)))
-    return state
-
-
-def _only_tied(model: nn.Module, missing: list[str]) -> bool:
-    return model.config.tie_word_embeddings and set(missing) <= {"lm_head.weight"}
-
-
 class xLSTMPreTrainedModel(PreTrainedModel):
     config_class = xLSTMConfig
     config: xLSTMConfig
@@ -834,45 +654,20 @@ class xLSTMPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
         """As PreTrainedModel.from_pretrained; a checkpoint of transformers' built-in xLSTM (``model_type: xlstm``,
         the NX-AI/xLSTM-7b layout) is converted on load: its config is translated (xLSTMConfig.from_dict), its
-        weights carry the same names as ours, and the fused projections of ``weight_mode="fused"`` are split."""
+        weights carry the same names as ours, and the fused projections of ``weight_mode="fused"`` are split
+        (convert.py)."""
         if kwargs.get("config") is None:
-            hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+            hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
             source, _ = xLSTMConfig.get_config_dict(pretrained_model_name_or_path, **hub)
             if source.get("model_type") == "xlstm" and source.get("weight_mode") == "fused":
-                return cls._from_fused_transformers_xlstm(pretrained_model_name_or_path, source, hub, kwargs)
+                return load_transformers_xlstm(cls, pretrained_model_name_or_path, source, hub, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
         if getattr(model.config, "source_weight_mode", None) is not None:
-            del model.config.source_weight_mode
-            problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-            problems = {k: v for k, v in problems.items() if v and not (k == "missing_keys" and _only_tied(model, v))}
-            if problems:
-                raise ValueError(
-                    f"{pretrained_model_name_or_path}: the transformers xLSTM checkpoint does not map onto "
-                    f"xlstm_hf's layout: {problems}"
-                )
+            check_transformers_xlstm_load(model, pretrained_model_name_or_path, info)
         return (model, info) if want_info else model
-
-    @classmethod
-    def _from_fused_transformers_xlstm(
-        cls, path: Any, source: dict[str, Any], hub: dict[str, Any], kwargs: dict[str, Any]
-    ) -> xLSTMPreTrainedModel:
-        config = xLSTMConfig.from_dict(source)
-        del config.source_weight_mode
-        model = cls(config)
-        prefix = "" if isinstance(model, xLSTMForCausalLM) else "backbone."
-        state = split_fused_xlstm_weights(_read_safetensors_checkpoint(path, hub), config)
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if [k for k in missing if not _only_tied(model, [k])] or unexpected:
-            raise ValueError(f"{path}: fused transformers xLSTM checkpoint: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-        if isinstance(dtype, torch.dtype):
-            model = model.to(dtype)
-        return model.eval()
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -902,10 +697,12 @@ class xLSTMPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if module.bias is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, CausalConv1d):
-            bound = 1 / math.sqrt(module.kernel_size)  # nn.Conv1d's default for a depthwise conv
-            init.uniform_(module.conv.weight, -bound, bound)
-            init.uniform_(module.conv.bias, -bound, bound)
+        elif isinstance(module, nn.Conv1d):
+            # nn.Conv1d's own default, on the leaf module that transformers initialises when its weights are missing
+            bound = 1 / math.sqrt(module.weight[0].numel())
+            init.uniform_(module.weight, -bound, bound)
+            if module.bias is not None:
+                init.uniform_(module.bias, -bound, bound)
         elif isinstance(module, HeadwiseLinear):
             init.normal_(module.weight, std=_small_init_std(D))
             if module.bias is not None:
@@ -929,20 +726,6 @@ class xLSTMPreTrainedModel(PreTrainedModel):
         elif config.slstm_bias_init == "small_init":
             bias[:, 1] = torch.linspace(3.0, 6.0, DH)
         return bias.reshape(NH, 4 * DH)
-
-
-_COMPILED_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _compiled_step(model: nn.Module):
-    """torch.compile of `model._decode_step`, one per model instance, kept outside the module so that the model
-    still pickles and deep-copies."""
-    if model not in _COMPILED_STEPS:
-        # inductor's size, stride and alignment asserts on the inputs repeat what dynamo's guards check before every
-        # call: 0.82 against 0.92 ms per step of the CPU benchmark model
-        options = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
-        _COMPILED_STEPS[model] = torch.compile(model._decode_step, dynamic=False, options=options)
-    return _COMPILED_STEPS[model]
 
 
 def _document_starts(
@@ -1022,37 +805,14 @@ class xLSTMModel(xLSTMPreTrainedModel):
                 raise ValueError(f"cache must be an xLSTMCache, got {type(cache).__name__}")
             cache.check_compatible(self.config, x.shape[0], self.embeddings.weight.dtype, x.device)
 
-    def _run_blocks(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None,
-        states: list,
-        output_hidden_states: bool,
-        docs: DocumentLayout | None = None,
-        return_states: bool = True,
-    ) -> tuple[torch.Tensor, list, tuple[torch.Tensor, ...] | None]:
-        """x [B, S, D] through every block, each from its state in `states` (None: empty); with `docs`, packed rows
-        whose documents each start from an empty state (no state comes out), and without `return_states` (no cache)
-        the blocks return none."""
+    def _pieces(self, S: int, docs: DocumentLayout | None, output_hidden_states: bool) -> list[slice]:
+        """The slices of the sequence that go through the stack one after another, the state carried between them:
+        pieces of `max_inference_chunksize` for a long prompt without gradients (the activations held at once stay
+        bounded), else the whole sequence."""
         piece = self.config.max_inference_chunksize
-        long_prompt = piece is not None and x.shape[1] > piece and not torch.is_grad_enabled()
-        if long_prompt and docs is None and not output_hidden_states:
-            # Long prompts without gradients: pieces through the whole stack, the state carried between them, so the
-            # activations held at once are bounded by the piece length.
-            outs = []
-            for start in range(0, x.shape[1], piece):
-                sl = slice(start, start + piece)
-                h = x[:, sl]
-                for idx, block in enumerate(self.blocks):
-                    h, states[idx] = block(h, None if mask is None else mask[:, sl], states[idx])
-                outs.append(h)
-            return torch.cat(outs, dim=1), states, None
-        all_hidden = (x,) if output_hidden_states else None
-        for idx, block in enumerate(self.blocks):
-            x, states[idx] = block(x, mask, states[idx], docs, return_state=return_states)
-            if output_hidden_states:
-                all_hidden += (x,)
-        return x, states, all_hidden
+        if piece is None or S <= piece or torch.is_grad_enabled() or docs is not None or output_hidden_states:
+            return [slice(0, S)]
+        return [slice(start, start + piece) for start in range(0, S, piece)]
 
     def forward(
         self,
@@ -1069,7 +829,8 @@ class xLSTMModel(xLSTMPreTrainedModel):
         **kwargs: Any,
     ) -> xLSTMOutput | tuple:
         """input_ids [B, S] (or inputs_embeds [B, S, D]); attention_mask [B, S] (1 real, 0 padding) of these tokens;
-        cache: the state after the previous tokens (None: an empty state)."""
+        cache: the state after the previous tokens (None: an empty state). Packed rows (position_ids restarting at 0,
+        or cu_seq_lens_q) run every document from an empty state."""
         if "cache_params" in kwargs or "past_key_values" in kwargs:
             cache = kwargs.pop("cache_params", None) or kwargs.pop("past_key_values", None) or cache
         self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
@@ -1079,12 +840,14 @@ class xLSTMModel(xLSTMPreTrainedModel):
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         x = self.embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        B, S = x.shape[:2]
         mask = None
         if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             mask = attention_mask.bool()
 
         boundaries = {"position_ids": position_ids, "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k}
-        starts = _document_starts(boundaries, attention_mask, x.shape[0], x.shape[1], x.device)
+        starts = _document_starts(boundaries, attention_mask, B, S, x.device)
+        docs = None
         if starts is not None:
             if cache is not None:
                 raise ValueError(
@@ -1092,21 +855,26 @@ class xLSTMModel(xLSTMPreTrainedModel):
                     "empty state: they cannot continue from a cache"
                 )
             # several documents per row: the sequence ops run them apart (DocumentLayout), the rest on the packed tokens
-            docs = DocumentLayout.from_starts(starts)
-            x, _, all_hidden = self._run_blocks(x, None, [None] * len(self.blocks), output_hidden_states, docs)
-            use_cache = False
-        else:
-            if use_cache and cache is None:
-                cache = xLSTMCache(self.config, x.shape[0], device=x.device)
-            states = list(cache.states) if cache is not None else [None] * len(self.blocks)
-            x, states, all_hidden = self._run_blocks(
-                x, mask, states, output_hidden_states, return_states=cache is not None
-            )
-            if cache is not None:
-                for idx, state in enumerate(states):
-                    cache.set_layer_state(idx, state)
-                cache.seqlen_offset += x.shape[1]
-        x = self.out_norm(x)
+            docs, use_cache = DocumentLayout.from_starts(starts), False
+        elif use_cache and cache is None:
+            cache = xLSTMCache(self.config, B, device=x.device)
+        states = list(cache.states) if cache is not None else [None] * len(self.blocks)
+
+        all_hidden = (x,) if output_hidden_states else None
+        outs = []
+        for piece in self._pieces(S, docs, output_hidden_states):
+            h = x[:, piece]
+            piece_mask = None if mask is None else mask[:, piece]
+            for idx, block in enumerate(self.blocks):
+                h, states[idx] = block(h, piece_mask, states[idx], docs, return_state=cache is not None)
+                if output_hidden_states:
+                    all_hidden += (h,)
+            outs.append(h)
+        x = self.out_norm(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+        if cache is not None:
+            for idx, state in enumerate(states):
+                cache.set_layer_state(idx, state)
+            cache.seqlen_offset += S
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (x,)
         out = xLSTMOutput(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
@@ -1114,7 +882,8 @@ class xLSTMModel(xLSTMPreTrainedModel):
 
 
 class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
-    """xLSTMModel with a language-model head; `labels` give the shifted cross-entropy (-100 ignored)."""
+    """xLSTMModel with a language-model head; `labels` give the shifted cross-entropy (-100 ignored), `shift_labels`
+    the cross-entropy against targets already shifted (what context-parallel training passes)."""
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
@@ -1122,6 +891,8 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = xLSTMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.logit_soft_cap = config.output_logit_soft_cap if config.architecture == "7b" else None
+        self.fuse_cross_entropy = config.fuse_cross_entropy
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -1139,89 +910,48 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> xLSTMModel:
         return self.backbone
 
-    def _is_plain_decode_step(
-        self,
-        input_ids: torch.LongTensor | None,
-        attention_mask: torch.Tensor | None,
-        cache: xLSTMCache | None,
-        labels: torch.LongTensor | None,
-        output_hidden_states: bool | None,
-        kwargs: dict[str, Any],
-    ) -> bool:
-        """A plain decoding step (one token per row after a prefill, no mask, labels or extras, no gradients) goes
-        through `_decode_step`: the blocks alone, without the checks and bookkeeping of a general forward (2.3 against
-        2.9 ms per token for the benchmark model on 2 CPU threads), compiled with `config.compile_decode`."""
-        return bool(
-            input_ids is not None
-            and input_ids.dim() == 2
-            and input_ids.shape[1] == 1
-            and attention_mask is None
-            and labels is None
-            and not output_hidden_states
-            and not kwargs
-            and isinstance(cache, xLSTMCache)
-            and all(s is not None for s in cache.states)
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        )
-
-    def _decode_step(self, input_ids: torch.LongTensor, states: list) -> tuple[torch.Tensor, list]:
-        """One token per row [B, 1] through the whole model from non-empty states -> logits [B, 1, V] and the new
-        states: the function that `compile_decode` compiles."""
-        x = self.backbone.embeddings(input_ids)
-        new = []
-        for block, state in zip(self.backbone.blocks, states, strict=True):
-            x, state = block(x, None, state)
-            new.append(state)
-        return self._logits(self.backbone.out_norm(x)), new
-
-    def _check_labels(self, labels: torch.Tensor, inputs: torch.Tensor | None) -> None:
-        """labels must be [B, S] like the inputs (they are shifted inside, row by row) and hold token ids or -100."""
-        if inputs is not None and tuple(labels.shape) != tuple(inputs.shape[:2]):
+    def _check_labels(self, name: str, labels: torch.Tensor, inputs: torch.Tensor) -> None:
+        """labels (or shift_labels) must be [B, S] like the inputs and hold token ids or -100."""
+        if tuple(labels.shape) != tuple(inputs.shape[:2]):
             raise ValueError(
-                f"labels has shape {tuple(labels.shape)}, expected {tuple(inputs.shape[:2])} (one label per input "
-                "position, [B, S]; they are shifted inside)"
+                f"{name} has shape {tuple(labels.shape)}, expected {tuple(inputs.shape[:2])} (one label per input "
+                "position, [B, S])"
             )
         bad = _out_of_vocabulary(labels, self.config.vocab_size, ignored=-100)
         if bad is not None:
             raise ValueError(
-                f"labels contains {bad}, neither a token id in [0, vocab_size={self.config.vocab_size}) nor -100 "
+                f"{name} contains {bad}, neither a token id in [0, vocab_size={self.config.vocab_size}) nor -100 "
                 "(ignored)"
             )
 
-    def _logit_cap(self) -> float | None:
-        return self.config.output_logit_soft_cap if self.config.architecture == "7b" else None
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head, soft-capped in xLSTM-7B (in place over the head's own output when no hook can have handed it in)."""
-        return soft_cap(linear(self.lm_head, h), self._logit_cap(), fresh=_plain_linears((self.lm_head,), h))
-
-    def _logits_and_loss(
-        self, h: torch.Tensor, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None
+    def _loss(
+        self,
+        z: torch.Tensor,
+        labels: torch.Tensor | None,
+        shift_labels: torch.Tensor | None,
+        num_items_in_batch: torch.Tensor | int | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The logits [B, S, V] and the shifted LM loss of h [B, S, D] (the kept positions: when `logits_to_keep`
-        drops some, they no longer match the labels and the loss function gets the logits). With a plain lm_head and
-        the default loss, `LogitsLossFunction` computes both from the head's output in one pass, in float32 whatever
-        the logits' dtype: a training step makes 2 new [B * S, V] tensors instead of 6 (more in bfloat16, where the
-        loss upcasts the logits). Vocabulary 32000, 2 x 1024 tokens, 2 CPU threads: a training step of a 1-block
-        model takes 635 - 663 against 865 - 870 ms and 860 against 1108 MB peak memory in float32; 468 - 479 against
-        1017 - 1110 ms and 560 - 587 against 1179 MB in bfloat16."""
-        if not (
-            labels.shape == h.shape[:-1]
-            and _plain_linears((self.lm_head,), h)
-            and self.loss_function is ForCausalLMLoss
-            and not functorch_active()
-        ):
-            logits = self._logits(h)
+        """The logits [B, S, V] from the head's output z and transformers' causal-LM loss: against `shift_labels`
+        as given, else against `labels` shifted left by one, -100 ignored, averaged over the counted targets (or
+        summed and divided by `num_items_in_batch`). With `fuse_cross_entropy` and the default loss function, one
+        autograd function computes the soft cap and the loss (`LogitsLossFunction`, float32 whatever z's dtype)."""
+        fused = self.fuse_cross_entropy and self.loss_function is ForCausalLMLoss and not functorch_active()
+        if not fused:
+            logits = soft_cap(z, self.logit_soft_cap)
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, num_items_in_batch=num_items_in_batch
+                logits=logits,
+                labels=labels,
+                vocab_size=self.config.vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                shift_labels=shift_labels,
             )
             return logits, loss
-        z = linear(self.lm_head, h)  # [B, S, V]
-        targets = F.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1).to(z.device)
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(z.device)
-        return LogitsLossFunction.apply(z, targets, self._logit_cap(), -100, num_items_in_batch)
+        targets = shift_labels.reshape(-1).to(z.device)
+        return LogitsLossFunction.apply(z, targets, self.logit_soft_cap, -100, num_items_in_batch)
 
     def prepare_inputs_for_generation(
         self,
@@ -1253,11 +983,6 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         for key, value in kwargs.items():
             if key not in ("labels", "position_ids", "token_type_ids") and key not in inputs:
                 inputs[key] = value
-        device = self.lm_head.weight.device
-        for key in ("input_ids", "inputs_embeds", "attention_mask"):
-            t = inputs.get(key)
-            if isinstance(t, torch.Tensor) and t.device != device and device.type != "meta":
-                inputs[key] = t.to(device)
         return inputs
 
     def forward(
@@ -1276,25 +1001,17 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         cu_seq_lens_k: torch.LongTensor | None = None,
         **kwargs: Any,
     ) -> xLSTMCausalLMOutput | tuple:
-        """As xLSTMModel.forward; labels [B, S] (shifted inside, -100 ignored); logits_to_keep: compute the logits of
-        the last positions only (0: all)."""
+        """As xLSTMModel.forward; labels [B, S] (shifted inside) or, in kwargs as transformers' loss takes them,
+        shift_labels [B, S] (already shifted) and num_items_in_batch; -100 ignored; logits_to_keep: compute the logits
+        of the last positions only (0: all). (The Trainer reads its label names from this signature: `shift_labels`
+        stays out of it, as in transformers' own models, or evaluation would wait for it.)"""
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        shift_labels = kwargs.pop("shift_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        packed = position_ids is not None or cu_seq_lens_q is not None or cu_seq_lens_k is not None
-        if not packed and self._is_plain_decode_step(
-            input_ids, attention_mask, cache, labels, output_hidden_states, kwargs
-        ):
-            self.backbone._check_inputs(input_ids, None, None, cache)
-            step = _compiled_step(self) if self.config.compile_decode else self._decode_step
-            logits, states = step(input_ids, list(cache.states))
-            for idx, state in enumerate(states):
-                cache.set_layer_state(idx, state)
-            cache.seqlen_offset += 1
-            use_cache = use_cache if use_cache is not None else self.config.use_cache
-            result = xLSTMCausalLMOutput(logits=logits, cache=cache if use_cache else None)
-            return result if return_dict else result.to_tuple()
-        if labels is not None:
-            self._check_labels(labels, input_ids if input_ids is not None else inputs_embeds)
+        inputs = input_ids if input_ids is not None else inputs_embeds
+        for name, t in (("labels", labels), ("shift_labels", shift_labels)):
+            if t is not None and inputs is not None:
+                self._check_labels(name, t, inputs)
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1309,11 +1026,16 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
             **kwargs,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        h = out.last_hidden_state[:, keep]
-        if labels is None:
-            logits, loss = self._logits(h), None
+        z = self.lm_head(out.last_hidden_state[:, keep])  # [B, S', V]
+        if labels is None and shift_labels is None:
+            logits, loss = soft_cap(z, self.logit_soft_cap), None
+        elif z.shape[1] != (labels if shift_labels is None else shift_labels).shape[1]:
+            raise ValueError(
+                f"logits_to_keep={logits_to_keep} keeps {z.shape[1]} positions: a loss needs the logits of every "
+                "labelled position (logits_to_keep=0)"
+            )
         else:
-            logits, loss = self._logits_and_loss(h, labels, num_items_in_batch)
+            logits, loss = self._loss(z, labels, shift_labels, num_items_in_batch)
         result = xLSTMCausalLMOutput(loss=loss, logits=logits, cache=out.cache, hidden_states=out.hidden_states)
         return result if return_dict else result.to_tuple()
 
