@@ -11,7 +11,8 @@ Tolerances, float32 logits unless said:
   gates compound that; measured 1.6 - 2.6% over 8 seeds for both stacks at these sizes. Bound: 5%.
 - dynamic int8 (`quantize_dynamic`) against float32, same measure: activations are rounded too, per tensor, so a few
   large entries coarsen every other one; measured 7 - 11%. Bound: 20%.
-- `torch.export`: the exported program runs the same aten ops as eager: 1e-5.
+- `torch.export`: the exported program runs the mLSTM in its parallel form (one graph for every length), eager in the
+  chunkwise one: the same function in another float32 summation order, measured 6e-5 on these logits: 2e-4.
 - ONNX Runtime: its own gemm (MLAS) and exp/log in another summation order: 1e-4 on logits of order 1, rtol 1e-4.
 """
 
@@ -28,7 +29,7 @@ FAMILIES = {
 }
 INT8_WEIGHT_ONLY_REL = 0.05
 DYNAMIC_INT8_REL = 0.20
-EXPORT_TOL = dict(atol=1e-5, rtol=1e-5)
+EXPORT_TOL = dict(atol=2e-4, rtol=1e-4)
 ONNX_TOL = dict(atol=1e-4, rtol=1e-4)
 
 
@@ -188,16 +189,22 @@ def test_torch_export_with_dynamic_batch_and_length_equals_eager(family):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_onnx_export_runs_in_onnxruntime(family, tmp_path):
+    """Dynamic batch and length for the mLSTM-only 7B stack. With an sLSTM block the length is fixed: over a traced
+    length the sLSTM recurrence is torch's `scan` operator (see test_torch_export...), which torch 2.13's ONNX
+    decomposition cannot lower yet ("'SymInt' object has no attribute 'unsqueeze'" in scan's stack_y); at a fixed
+    length the loop is unrolled."""
     import onnxruntime
 
     model = LogitsOnly(make(family))
     path = tmp_path / "model.onnx"
-    torch.onnx.export(
-        model, (torch.randint(1, 96, (2, 11)),), path, dynamo=True, dynamic_shapes=dynamic_shapes(), verbose=False
-    )
+    has_slstm = "s" in model.model.config.block_types
+    shapes = dynamic_shapes()
+    if has_slstm:
+        shapes["input_ids"].pop(1)
+    torch.onnx.export(model, (torch.randint(1, 96, (2, 11)),), path, dynamo=True, dynamic_shapes=shapes, verbose=False)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    for shape in [(3, 19), (1, 5)]:
+    for shape in [(3, 11), (1, 11)] if has_slstm else [(3, 19), (1, 5)]:
         ids = torch.randint(1, 96, shape)
         (got,) = session.run(None, {name: ids.numpy()})
         with torch.no_grad():

@@ -58,16 +58,6 @@ def _backward_segments(g: torch.Tensor) -> torch.Tensor:
     return seg.masked_fill(idx[None, :] < idx[:, None], float("-inf"))
 
 
-def _running_max(x: torch.Tensor) -> torch.Tensor:
-    """cummax(x, -1).values as log2(L) shifted maxima (a Hillis-Steele scan): the same values from ops that every
-    exporter has (ONNX has no cummax), over [.., L] vectors that are small next to the [.., L, L] products."""
-    L, shift = x.shape[-1], 1
-    while shift < L:
-        x = torch.maximum(x, F.pad(x[..., : L - shift], (shift, 0), value=float("-inf")))
-        shift *= 2
-    return x
-
-
 def _chunk_fwd(
     qs: torch.Tensor,
     k: torch.Tensor,
@@ -112,7 +102,7 @@ def _chunk_fwd(
     # 2. within every chunk: log D[t, j] = b[t] - b[j] + i[j] (j <= t), whose row max is b[t] + cummax(i - b)[t].
     w_col = i - b  # [B, NH, NC, L]
     m_inter = b + m_in[..., None]  # [B, NH, NC, L]
-    m_row = torch.maximum(b + _running_max(w_col), m_inter)  # [B, NH, NC, L]
+    m_row = torch.maximum(b + w_col.cummax(-1).values, m_inter)  # [B, NH, NC, L]
     # exp2 of log2 D, scaled on the [.., L] vectors (torch.exp is 2.7x slower: see _LOG2E), then the causal mask
     # (tril_ takes 27 us on [2, 4, 16, 64, 64] where masked_fill_ with a broadcast [L, L] mask takes 340)
     D = ((b - m_row).mul_(_LOG2E)[..., :, None] + (w_col * _LOG2E)[..., None, :]).exp2_().tril_()  # [.., L, L]

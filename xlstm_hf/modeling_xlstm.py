@@ -37,7 +37,7 @@ from .mlstm_naive import (
 )
 from .mlstm_step import mlstm_step_triton
 from .slstm_fused import slstm_triton
-from .slstm_naive import SLSTMState, slstm_empty_state, slstm_recurrent, slstm_recurrent_step
+from .slstm_naive import SLSTMState, slstm_empty_state, slstm_recurrent, slstm_recurrent_step, slstm_scan
 
 logger = logging.get_logger(__name__)
 
@@ -208,7 +208,10 @@ def mlstm_sequence(
     """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] float32 -> h [B, NH, S, DV], state (C, n, m). The
     form that `config.mlstm_kernel` names; the chunkwise form by the Triton kernel or its PyTorch twin."""
     eps, empty_m = config.mlstm_eps, config.mlstm_empty_max_state
-    if config.mlstm_kernel == "parallel":
+    # torch.export (and torch.onnx.export) trace one graph for every length: the chunkwise forms' reshapes into
+    # ceil(S / chunk) chunks make guards on S that no single graph satisfies, so an exported model runs the
+    # parallel form (the same function of the inputs, quadratic in S like attention).
+    if config.mlstm_kernel == "parallel" or torch.compiler.is_exporting():
         return mlstm_parallel(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
     if config.mlstm_kernel == "recurrent":
         return mlstm_recurrent(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
@@ -242,6 +245,8 @@ def slstm_sequence(
     """x [B, NH, S, 4 * DH] gate pre-activations; r [NH, DH, 4 * DH]; mask [B, S] -> h [B, NH, S, DH], state."""
     if _triton_serves(config, x, "sLSTM"):
         return slstm_triton(x, r, state, mask)
+    if torch.compiler.is_exporting() and isinstance(x.shape[2], torch.SymInt):
+        return slstm_scan(x, r, state, mask)  # a traced length: one scan op, not a loop unrolled at one length
     return slstm_recurrent(x, r, state, mask)
 
 
@@ -810,7 +815,9 @@ class xLSTMModel(xLSTMPreTrainedModel):
         pieces of `max_inference_chunksize` for a long prompt without gradients (the activations held at once stay
         bounded), else the whole sequence."""
         piece = self.config.max_inference_chunksize
-        if piece is None or S <= piece or torch.is_grad_enabled() or docs is not None or output_hidden_states:
+        whole = piece is None or torch.is_grad_enabled() or docs is not None or output_hidden_states
+        # traced (torch.compile, torch.export): one graph for every length, without a guard on S
+        if whole or torch.compiler.is_compiling() or S <= piece:
             return [slice(0, S)]
         return [slice(start, start + piece) for start in range(0, S, piece)]
 

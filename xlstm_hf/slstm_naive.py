@@ -76,3 +76,26 @@ def slstm_recurrent(
         h, state = slstm_recurrent_step(x[:, :, t], r, state, None if mask is None else mask[:, t])
         hs.append(h)
     return torch.stack(hs, dim=2).to(x.dtype), state
+
+
+def slstm_scan(
+    x: torch.Tensor,
+    r: torch.Tensor,
+    initial_state: SLSTMState | None = None,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, SLSTMState]:
+    """`slstm_recurrent` as one `scan` operator over S instead of a Python loop: a graph that torch.export traces
+    once for every length (the loop would be unrolled at the traced one). Same arguments and results."""
+    from torch._higher_order_ops.scan import scan  # torch's scan operator, not yet a public name
+
+    B, NH, S, G = x.shape
+    DH = G // 4
+    state = slstm_empty_state(B, NH, DH, x.device) if initial_state is None else tuple(t.float() for t in initial_state)
+    keep = torch.ones(S, B, dtype=torch.bool, device=x.device) if mask is None else mask.t()
+
+    def step(carry: SLSTMState, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[SLSTMState, torch.Tensor]:
+        h, new = slstm_recurrent_step(inputs[0], r, carry, inputs[1])
+        return new, h.clone()  # an output of scan may not alias its carry
+
+    state, hs = scan(step, state, (x.permute(2, 0, 1, 3), keep))  # hs [S, B, NH, DH]
+    return hs.permute(1, 2, 0, 3).to(x.dtype), state
