@@ -5,8 +5,8 @@ compiled down to a cubin for sm_80 (A100), sm_90 (H100) and, where the installed
 (B200), and the test asserts what decides whether it can launch and run at speed:
 - shared memory per block (``metadata.shared``) within the target's limit;
 - registers x threads within the 65,536 registers of a block;
-- no register spills (ptxas -v, the ptxas Triton itself uses for that target), unless ``SPILL_BOUNDS`` names the
-  kernel and configuration with a byte bound and the reason.
+- no register spills (ptxas -v with the ptxas and flags Triton itself uses for that target), unless ``SPILL_BOUNDS``
+  names the kernel and dot precision with a byte bound and the reason.
 
 The launches are recorded, not written down: the public functions (``mlstm_chunkwise_triton`` forward and backward,
 ``mlstm_step_triton``, ``slstm_triton`` forward and backward) run on meta tensors at the shapes of the xLSTM-7B and
@@ -46,8 +46,17 @@ from xlstm_hf import xLSTMConfig  # noqa: E402
 SHARED_LIMIT = {80: 166_912, 90: 232_448, 100: 232_448}  # bytes of shared memory per block (opt-in maximum)
 SM_COUNT = {80: 108, 90: 132, 100: 148}
 REGISTERS_PER_BLOCK = 65_536
-# (kernel, configuration) -> (spill bytes allowed, why). Empty: no kernel spills at any recorded launch.
-SPILL_BOUNDS: dict[tuple[str, str], tuple[int, str]] = {}
+# (kernel, dot precision) -> (spill bytes per thread allowed, why); every other launch must not spill.
+_SLSTM_IEEE = (
+    "float32 sLSTM at torch's 'highest' precision: at some head dims ptxas keeps one loop-invariant offset in local "
+    "memory, stored before the time loop and reloaded once per step (read in the SASS at DH 64, sm_90); it comes from "
+    "the --regAllocOptLevel=2 that Triton 3.9 passes (0 B without it) and costs 8 B from L1 per step against the "
+    "step's 4 DH^2 floats of r"
+)
+SPILL_BOUNDS: dict[tuple[str, str], tuple[int, str]] = {
+    ("_slstm_fwd_kernel", "ieee"): (8, _SLSTM_IEEE),
+    ("_slstm_bwd_kernel", "ieee"): (8, _SLSTM_IEEE),
+}
 
 
 def _has_ptxas(cc: int) -> bool:
@@ -277,10 +286,8 @@ class _matmul_precision:
         torch.set_float32_matmul_precision(self.saved)
 
 
-def _slstm_heads(config: str, num_heads: int | None = None) -> tuple[int, int]:
-    c = CONFIGS[config]
-    NH = num_heads or c.slstm_num_heads
-    return NH, c.hidden_size // NH
+def _slstm_heads(config: str, num_heads: int) -> tuple[int, int]:
+    return num_heads, CONFIGS[config].hidden_size // num_heads
 
 
 SCENARIOS = {
@@ -298,11 +305,22 @@ SCENARIOS = {
         for dt in DTYPES
         for B in (1, 256)
     },
+    # sLSTM training at the paper presets' head dims (4 heads: 256, 192) and small heads (8, 16 heads: 128 to 48)
+    **{
+        f"slstm-{cfg}-NH{nh}-{dt}-B{B}": slstm_run(*_slstm_heads(cfg, nh), dt, B, 64)
+        for cfg in ("paper350m", "paper125m")
+        for nh in (4, 8, 16)
+        for dt in DTYPES
+        for B in (1, 256)
+    },
 }
 DEFAULT = [
     "mlstm_chunk-7b-bf16-B1-S4096",
     "mlstm_chunk-paper350m-bf16-B256-S7",
     "mlstm_step-7b-bf16-B256",
+    "slstm-paper350m-NH4-bf16-B256",
+    "slstm-paper125m-NH4-fp32-B1",
+    "slstm-paper350m-NH16-bf16-B1",
 ]
 
 
@@ -318,7 +336,7 @@ def check_scenario(name: str, cc: int) -> list[str]:
         lines.append(f"{where}: shared {fig.shared} B, {fig.registers} registers, spills {fig.spill_bytes} B")
         assert fig.shared <= SHARED_LIMIT[cc], f"{where}: {fig.shared} B of shared memory > {SHARED_LIMIT[cc]}"
         assert fig.registers * fig.threads <= REGISTERS_PER_BLOCK, f"{where}: {fig.registers} x {fig.threads} registers"
-        bound, _ = SPILL_BOUNDS.get((launch.kernel, name), (0, ""))
+        bound, _ = SPILL_BOUNDS.get((launch.kernel, dict(launch.constexprs).get("PRECISION")), (0, ""))
         assert fig.spill_bytes <= bound, f"{where}: spills {fig.spill_bytes} B (bound {bound})"
         assert all(g <= 65535 for g in launch.grid[1:]), f"{where}: grid {launch.grid} above 65,535 on axis 1 or 2"
     return lines

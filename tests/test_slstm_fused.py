@@ -1,6 +1,7 @@
 """The Triton fused sLSTM against ``slstm_naive.slstm_recurrent``: h, the final state (h, c, n, m) and the gradients
-of x, r and the initial state, over S = 1 and ragged S, batches that fill a 16-row tile partly, head dims that need
-padding, with and without initial states (empty m = -inf, random), with and without a padding mask.
+of x, r and the initial state, over S = 1 and ragged S, batches that fill a 16-row tile partly, head dims from 12
+to 256 (padded, one and several column tiles), with and without initial states (empty m = -inf, random), with and
+without a padding mask.
 
 Tolerances (relative L2 error, see kernel_testing.rel_err):
 - float32: 1e-5. Same float32 arithmetic as the reference step for step (exact dots, no TF32); only the summation
@@ -8,8 +9,6 @@ Tolerances (relative L2 error, see kernel_testing.rel_err):
 - bfloat16 x: 1e-2. x is upcast on load and the recurrence runs in float32, as in the reference; on a GPU the
   recurrent dots use TF32 (10-bit mantissa) and h is rounded to bfloat16 (2^-8 relative) on output.
 """
-
-import warnings
 
 import pytest
 import torch
@@ -100,13 +99,17 @@ def test_slstm_no_grad_matches():
         assert_rel_close(a, b, FP32_TOL, "state")
 
 
-def test_slstm_big_head_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setattr(slstm_fused, "_warned_fallback", False)
-    x, r, initial, mask = make_inputs(B=1, NH=1, S=2, DH=slstm_fused.MAX_FUSED_DH + 2)
-    with pytest.warns(UserWarning, match="head dim 130"):
-        h, _ = slstm_fused.slstm_triton(x, r)
-    h_ref, _ = slstm_recurrent(x, r)
-    assert_rel_close(h, h_ref, FP32_TOL, "h")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        slstm_fused.slstm_triton(x, r)
+@pytest.mark.parametrize("DH", [32, 64, 128, 192, 256])
+def test_slstm_head_dims(DH):
+    """Every head dim of the paper presets and the small-head shapes: one column tile (32, 64), two (128), three
+    of 64 (192: hidden 768 with 4 heads), four (256: hidden 1024 with 4 heads)."""
+    check(*make_inputs(B=2, NH=1, S=3, DH=DH, state="random", masked=True), FP32_TOL)
+
+
+def test_slstm_unsupported_inputs_name_the_reason():
+    x, r, _, _ = make_inputs(S=2)
+    assert slstm_fused.slstm_unsupported(x, r) is None
+    assert "float64" in slstm_fused.slstm_unsupported(x.double(), r)
+    assert "[NH, DH, 4 * DH]" in slstm_fused.slstm_unsupported(x, r[:, :-1])
+    with pytest.raises(ValueError, match=r"slstm_triton: x \(3, 2, 2, 48\)"):
+        slstm_fused.slstm_triton(x, r[:, :-1])
