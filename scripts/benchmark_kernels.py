@@ -6,8 +6,8 @@ On CUDA, bfloat16, medians of CUDA-event timings:
     mlstm_kernels' ``chunkwise--triton_xl_chunk`` and ``chunkwise--triton_limit_chunk`` and torch SDPA (causal, the
     flash / memory-efficient backends);
   - mLSTM decode step at batch 1 and 256 (7B head shapes) against mlstm_kernels' Triton step kernel;
-  - sLSTM forward+backward at hidden 1024 / 8 heads (DH 128) / batch 8 / S 2048 against the ``xlstm`` package's
-    CUDA kernel.
+  - sLSTM forward+backward at hidden 1024, batch 8, S 2048, with 8 heads (DH 128) and the paper's 4 heads (DH 256),
+    against the ``xlstm`` package's CUDA kernel.
 Without CUDA it times, in float32 at the CPU benchmark model's head shapes (NH 4, DK 32, DV 64, 2048 tokens), the
 PyTorch chunkwise mLSTM with its hand-written backward (mlstm_chunk_torch), autograd through the reference
 (mlstm_naive) and mlstm_kernels' ``chunkwise--native_autograd`` (what transformers' built-in xLSTM trains with on CPU),
@@ -15,7 +15,9 @@ plus the reference step and sLSTM at small sizes; the GPU peers and the Triton k
 Triton interpreter is a correctness tool, not a timing one).
 Every peer is imported behind a guard; a missing or failing one is listed under "skipped" with the reason.
 
-    python scripts/benchmark_kernels.py [--out benchmarks/kernels.json] [--repeats 20]
+    python scripts/benchmark_kernels.py [--out benchmarks/kernels.json] [--repeats 20] [--quick]
+
+``--quick`` (what scripts/gpu_check.py runs) times S in {2k, 8k} only.
 
 Writes the JSON file and a PNG beside it (same name); prints one line per measurement.
 """
@@ -41,6 +43,7 @@ from xlstm_hf.mlstm_naive import mlstm_chunkwise, mlstm_recurrent_step  # noqa: 
 from xlstm_hf.slstm_naive import slstm_recurrent  # noqa: E402
 
 SEQ_LENS = [1024, 2048, 4096, 8192, 16384]
+QUICK_SEQ_LENS = [2048, 8192]
 TOKENS_PER_BATCH = 65536
 MLSTM_SHAPES = {"xlstm7b": dict(NH=8, DK=256, DV=512), "tfla": dict(NH=16, DK=128, DV=256)}
 
@@ -129,11 +132,11 @@ def mlstm_impls(cuda: bool, skipped: list[str]) -> dict[str, Callable[..., torch
     return impls
 
 
-def bench_mlstm(cuda, repeats, results, skipped):
+def bench_mlstm(cuda, repeats, results, skipped, quick=False):
     impls = mlstm_impls(cuda, skipped)
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     shapes = MLSTM_SHAPES if cuda else {"cpu_bench_model": dict(NH=4, DK=32, DV=64)}
-    seq_lens = SEQ_LENS if cuda else [512, 1024, 2048]
+    seq_lens = (QUICK_SEQ_LENS if quick else SEQ_LENS) if cuda else [512, 1024, 2048]
     tokens = TOKENS_PER_BATCH if cuda else 2048
     for suite, shape in shapes.items():
         for S in seq_lens:
@@ -184,7 +187,11 @@ def bench_step(cuda, repeats, results, skipped):
 
 
 def bench_slstm(cuda, repeats, results, skipped):
-    NH, DH = 8, 128
+    for NH, DH in ((8, 128), (4, 256)) if cuda else ((8, 16),):
+        bench_slstm_heads(NH, DH, cuda, repeats, results, skipped)
+
+
+def bench_slstm_heads(NH, DH, cuda, repeats, results, skipped):
     B, S = (8, 2048) if cuda else (2, 128)
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -204,7 +211,7 @@ def bench_slstm(cuda, repeats, results, skipped):
             x_pkg = torch.randn(B, S, 4 * NH * DH, device=device, dtype=dtype).requires_grad_()
             impls["xlstm_package_cuda"] = lambda: cell(x_pkg)[0]
         except Exception as e:  # noqa: BLE001 (its nvcc build is the package's most reported failure)
-            skipped.append(f"xlstm sLSTM CUDA: {type(e).__name__}: {str(e)[:200]}")
+            skipped.append(f"xlstm sLSTM CUDA NH {NH}: {type(e).__name__}: {str(e)[:200]}")
     else:
         impls["torch_reference"] = lambda: slstm_recurrent(x, r)[0]
         skipped.append("sLSTM: xlstm_hf triton and the xlstm package's CUDA kernel (no CUDA)")
@@ -277,17 +284,24 @@ def plot(results, path: Path):
     fig.savefig(path, dpi=120)
 
 
+def run_all(cuda: bool, repeats: int, quick: bool) -> tuple[list[dict], list[str]]:
+    """Every benchmark: (results, skipped)."""
+    results: list[dict] = []
+    skipped: list[str] = []
+    bench_mlstm(cuda, repeats, results, skipped, quick)
+    bench_step(cuda, repeats, results, skipped)
+    bench_slstm(cuda, repeats, results, skipped)
+    return results, skipped
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "kernels.json")
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="S in {2k, 8k} only")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
-    results: list[dict] = []
-    skipped: list[str] = []
-    bench_mlstm(cuda, args.repeats, results, skipped)
-    bench_step(cuda, args.repeats, results, skipped)
-    bench_slstm(cuda, args.repeats, results, skipped)
+    results, skipped = run_all(cuda, args.repeats, args.quick)
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
     report = dict(
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
