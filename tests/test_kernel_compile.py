@@ -362,3 +362,41 @@ def test_recorded_launches_follow_the_launchers():
         launches = record(SCENARIOS[f"mlstm_chunk-7b-{dtype}-B256-S4096"], 90)
         assert {dict(launch.constexprs)["PRECISION"] for launch in launches} == {precision}
         assert all(launch.grid[0] % (256 * 8) == 0 for launch in launches)
+
+
+REPORT = [
+    "mlstm_chunk-7b-bf16-B1-S4096",
+    "mlstm_chunk-7b-tf32-B1-S4096",
+    "mlstm_chunk-7b-fp32-B1-S4096",
+    "mlstm_chunk-paper350m-bf16-B256-S4096",
+    "mlstm_step-7b-bf16-B1",
+    "mlstm_step-7b-bf16-B256",
+    "slstm-paper350m-NH4-bf16-B256",
+    "slstm-paper350m-NH4-fp32-B256",
+    "slstm-paper125m-NH4-bf16-B256",
+    "slstm-paper350m-NH8-bf16-B256",
+]
+
+
+def figures_table(names: list[str]) -> str:
+    """A markdown table: per scenario and kernel, for each target, shared memory (KB), registers per thread and
+    spilled bytes per thread, with the launch's warps and grid at sm_90."""
+    header = "| scenario | kernel | warps | grid (sm_90) | " + " | ".join(
+        f"sm_{cc} smem KB / regs / spill B" for cc in TARGETS
+    )
+    rows = [header + " |", "|" + "---|" * (4 + len(TARGETS))]
+    for name in names:
+        per_target = {cc: list(dict.fromkeys(record(SCENARIOS[name], cc))) for cc in TARGETS}
+        for index, launch in enumerate(per_target[90] if 90 in per_target else per_target[TARGETS[0]]):
+            cells = []
+            for cc in TARGETS:
+                fig = compile_figures(per_target[cc][index], cc)
+                cells.append(f"{fig.shared / 1024:.1f} / {fig.registers} / {fig.spill_bytes}")
+            kernel = launch.kernel.strip("_").removesuffix("_kernel")
+            rows.append(f"| {name} | {kernel} | {launch.num_warps} | {launch.grid} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python tests/test_kernel_compile.py: the figures of benchmarks/RESULTS.md
+    print(f"triton {triton.__version__}, targets {', '.join(f'sm_{cc}' for cc in TARGETS)}")
+    print(figures_table(REPORT))

@@ -453,7 +453,8 @@ def _launch(B: int, NH: int, S: int, DK: int, DV: int, chunk_size: int, dtype: t
       stay in registers; 64 x 64 spills there). float32 in TF32: BK 32, BV 64 on both.
     - float32 in full precision ("ieee", torch's "highest"): the dots run on FMA units, which hold a whole K-long
       row of each operand per thread; 32 x 32 tiles and chunks of at most 32 positions compile without spills
-      (64-long chunks spill 10-30 KB per thread). The chunk length changes the summation order only.
+      (64-long chunks spill 10-30 KB per thread). The chunk length changes the summation order and where the
+      stabiliser m is taken, which enters h only through eps.
     - The chunk-state kernels run the recurrence over the NC chunks one after another, so at batch 1 their
       programs, not their tiles, are the parallelism: tiles are halved (down to 16) until the launch has at least
       two programs per SM (7B heads at batch 1 on an H100: 512 programs of 64 x 32 instead of 256 of 64 x 64).
