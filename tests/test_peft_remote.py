@@ -1,0 +1,96 @@
+"""PEFT on a checkpoint loaded with trust_remote_code=True in a process that cannot import xlstm_hf (a Hub user):
+`LoraConfig(task_type="CAUSAL_LM")` without `target_modules` finds our default targets, which the modeling file that
+the checkpoint carries must register, and the adapter trains.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import randomize_, tiny_config
+
+import xlstm_hf
+
+pytest.importorskip("peft")
+
+# The child: a finder placed first answers every `xlstm_hf` import with ModuleNotFoundError, as on a machine without
+# the package (as in tests/test_hub.py); it runs with `python -I` and a cwd outside the repository.
+CHILD = r"""
+import json, sys
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name == "xlstm_hf" or name.startswith("xlstm_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+try:
+    import xlstm_hf
+except ImportError:
+    pass
+else:
+    sys.exit(f"xlstm_hf is importable from {xlstm_hf.__file__}")
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+
+torch.manual_seed(0)
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=4))
+ids = torch.randint(1, model.config.vocab_size, (2, 21))
+opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-2)
+lora.train()
+losses = []
+for _ in range(2):
+    loss = lora(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    losses.append(loss.item())
+with torch.no_grad():
+    losses.append(lora(input_ids=ids, labels=ids).loss.item())
+print(json.dumps({
+    "class": f"{type(model).__module__}.{type(model).__qualname__}",
+    "lora_layers": sorted({n.rsplit(".", 1)[-1] for n, m in lora.named_modules() if isinstance(m, LoraLayer)}),
+    "trainable": sorted({n for n, p in lora.named_parameters() if p.requires_grad and "lora_" not in n}),
+    "losses": losses,
+    "xlstm_hf_modules": sorted(m for m in sys.modules if m.split(".")[0] == "xlstm_hf"),
+}))
+"""
+
+EXPECTED_TARGETS = {"paper": {"proj_up", "proj_up_gate", "proj_down"}, "7b": {"q", "k", "v", "out_proj", "proj_up"}}
+
+
+@pytest.mark.parametrize("architecture", ["7b", "paper"])
+def test_default_lora_targets_without_the_package(tmp_path, architecture):
+    checkpoint = tmp_path / "checkpoint"
+    randomize_(xlstm_hf.xLSTMForCausalLM(tiny_config(architecture))).save_pretrained(checkpoint)
+    assert (checkpoint / "modeling_xlstm.py").is_file()  # register_for_auto_class copies the modeling files
+    workdir = tmp_path / "no_package"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", CHILD, str(checkpoint)],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,  # a trust_remote_code prompt fails instead of waiting
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["class"].startswith("transformers_modules."), report["class"]
+    assert report["xlstm_hf_modules"] == []
+    assert EXPECTED_TARGETS[architecture] <= set(report["lora_layers"]), report["lora_layers"]
+    assert report["trainable"] == []  # only the adapters train
+    first, _, after = report["losses"]  # before step 1, before step 2, after step 2
+    assert all(math.isfinite(x) for x in report["losses"]), report["losses"]
+    assert after < first, report["losses"]
