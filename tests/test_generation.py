@@ -156,7 +156,8 @@ def test_unsupported_strategy_and_bad_arguments_raise():
     with pytest.raises(ValueError, match="cache holds its states on meta, but the input is on cpu"):
         model(prompt[:1], cache=xlstm_hf.xLSTMCache(model.config, 1, device="meta"))
     on_meta = xlstm_hf.xLSTMCache(model.config, 2)
-    on_meta.states = [tuple(t.to("meta") for t in state) for state in cache.states]
+    for idx, state in enumerate(cache.states):
+        on_meta.update_state(idx, tuple(None if t is None else t.to("meta") for t in state))
     with pytest.raises(ValueError, match="cache holds its states on meta"):
         model(torch.randint(1, 96, (2, 1)), cache=on_meta)
 

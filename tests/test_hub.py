@@ -97,7 +97,8 @@ def test_push_uploads_sharded_safetensors_config_code_and_card(pushed, module_lo
     config = json.loads(server.read(REPO, "config.json"))
     assert config["model_type"] == "xlstm_hf"
     assert config["auto_map"]["AutoConfig"] == "configuration_xlstm.xLSTMConfig"
-    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_xlstm.xLSTMForCausalLM"
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_xlstm.xLSTMHFForCausalLM"
+    assert config["architectures"] == ["xLSTMHFForCausalLM"]  # no transformers class has this name (TRL looks there)
 
     index = json.loads(server.read(REPO, "model.safetensors.index.json"))
     assert set(index["weight_map"].values()) == set(shards)
@@ -235,7 +236,7 @@ def remote_code_child(pushed, module_local_hub, tmp_path_factory) -> tuple[dict,
 
 def test_remote_code_without_the_package_is_bit_identical(pushed, remote_code_child):
     report, outputs = remote_code_child
-    assert report["class"].startswith("transformers_modules.") and report["class"].endswith(".xLSTMForCausalLM")
+    assert report["class"].startswith("transformers_modules.") and report["class"].endswith(".xLSTMHFForCausalLM")
     assert report["xlstm_hf_modules"] == []
     assert report["tokens"] == pushed.tokenizer(TEXT)["input_ids"]
     assert torch.equal(outputs["cpu"], logits(pushed.v2, pushed.input_ids))

@@ -1,7 +1,7 @@
 """xLSTM models for transformers: the paper's mLSTM/sLSTM stacks and the xLSTM-7B stack.
 
 Reading order: norms, conv, head-wise projection, the recurrent ops (the one place where kernel and reference are
-chosen), mLSTM layers, sLSTM layer, feed-forward, block, cache, PreTrainedModel, xLSTMModel, xLSTMForCausalLM. Every
+chosen), mLSTM layers, sLSTM layer, feed-forward, block, cache, PreTrainedModel, xLSTMHFModel, xLSTMHFForCausalLM. Every
 tensor inside a layer is [B, S, D] (residual stream) or [B, NH, S, DH] (heads). A layer calls its modules and nothing
 else: quantisers, PEFT, accelerate hooks, FSDP and exporters see ordinary `nn.Linear`s.
 """
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
@@ -257,7 +258,7 @@ def run_mlstm(
 
 
 def _init_spec(linear: nn.Linear, **spec: Any) -> nn.Linear:
-    """Attach the papers' init of this projection (read by xLSTMPreTrainedModel._init_weights): ``wang_dim`` (Wang
+    """Attach the papers' init of this projection (read by xLSTMHFPreTrainedModel._init_weights): ``wang_dim`` (Wang
     init of a residual output), ``zero_weight``, ``bias`` in {"linspace_3_6", "normal_0.1", float}."""
     linear.xlstm_init = spec
     return linear
@@ -311,7 +312,7 @@ class mLSTMLayer(nn.Module):
 
 class mLSTM7BLayer(nn.Module):
     """The xLSTM-7B mLSTM layer: q/k/v and output-gate projections, soft-capped gates, mLSTM, multi-head norm.
-    State: (C, n, m)."""
+    State: (C, n, m, None) (no conv)."""
 
     def __init__(self, config: xLSTMConfig):
         super().__init__()
@@ -332,14 +333,14 @@ class mLSTM7BLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m) or None -> y [B, S, D], state."""
+        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m, None) or None -> y [B, S, D], state."""
         B, S, _ = x.shape
         q, k, v = (t.view(B, S, self.num_heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
         i = soft_cap(self.igate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
         f = soft_cap(self.fgate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)
-        h, state = run_mlstm(q, k, v, i, f, state, mask, docs, self.config)  # [B, NH, S, DV]
-        y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h))
-        return self.dropout(y), state
+        h, mlstm_state = run_mlstm(q, k, v, i, f, None if state is None else state[:3], mask, docs, self.config)
+        y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h))  # h [B, NH, S, DV]
+        return self.dropout(y), None if mlstm_state is None else (*mlstm_state, None)
 
 
 class sLSTMLayer(nn.Module):
@@ -467,15 +468,62 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
-class xLSTMCache:
-    """The recurrent state of every block, constant in size whatever the number of tokens processed.
+class xLSTMCacheLayer(LinearAttentionLayer):
+    """One block's recurrent state as a transformers linear-attention cache layer: `recurrent_states[j]` hold the
+    mixer's state tensors (mLSTM: C [B, NH, DK, DV], n [B, NH, DK], m [B, NH]; sLSTM: h, c, n, m [B, NH, DH]) in the
+    cache's `state_dtype`, `conv_states[0]` the conv window [B, KS - 1, D] in the activations' dtype (None without a
+    conv). The tensors are allocated by the first update (the prefill) and written in place after it, so that a
+    captured graph (generate's compiled decoding) replays into the same memory; an update that carries autograd
+    history (training with a cache) replaces them instead, as writing into a tensor that backward has saved would
+    break it."""
 
-    Per block: mLSTM (C [B, NH, DK, DV], n [B, NH, DK], m [B, NH], and for the paper's layer the conv window
-    [B, KS - 1, inner]); sLSTM (h, c, n, m [B, NH, DH] and the conv window [B, KS - 1, D]). The recurrent states are
-    stored in `state_dtype` (float32 by default, whatever the weights' dtype); conv windows in the activations' dtype.
-    """
+    def __init__(self, num_recurrent: int):
+        super().__init__(number_of_states=num_recurrent)
 
-    is_compileable = False
+    def state(self) -> tuple[torch.Tensor, ...] | None:
+        """(*recurrent, conv window or None), or None while empty."""
+        if not self.has_previous_state[0]:
+            return None
+        return (*self.recurrent_states.values(), self.conv_states[0])
+
+    def set_state(self, state: tuple[torch.Tensor | None, ...], state_dtype: torch.dtype) -> None:
+        """state: (*recurrent, conv window or None) as a layer returns it."""
+        *recurrent, conv = state
+        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in state)
+        for j, t in enumerate(recurrent):
+            t = t.to(state_dtype)
+            if tracked or not self.is_recurrent_states_initialized[j]:
+                self._assign(self.recurrent_states, self.is_recurrent_states_initialized, j, t, static=not tracked)
+            else:
+                self.recurrent_states[j].copy_(t)
+            self.has_previous_state[j] = True
+        if conv is not None:
+            if tracked or not self.is_conv_states_initialized[0]:
+                self._assign(self.conv_states, self.is_conv_states_initialized, 0, conv, static=not tracked)
+            else:
+                self.conv_states[0].copy_(conv)
+
+    def _assign(self, states: dict, initialized: dict, j: int, t: torch.Tensor, static: bool) -> None:
+        if static:  # a buffer of its own, at a fixed address
+            t = t.detach().clone(memory_format=torch.contiguous_format)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(t)
+        states[j] = t
+        initialized[j] = True
+        self.device, self.dtype = t.device, t.dtype
+
+    def detach(self) -> None:
+        for states in (self.recurrent_states, self.conv_states):
+            for j, t in states.items():
+                if t is not None:
+                    states[j] = t.detach()
+
+
+class xLSTMCache(Cache):
+    """The recurrent state of every block (one `xLSTMCacheLayer` each), constant in size whatever the number of tokens
+    processed. Recurrent states are kept in `state_dtype` (float32 by default, whatever the weights' dtype). It counts
+    the tokens it has seen (`get_seq_length`), so that generate() passes only the new tokens of a continued prompt;
+    the count is a tensor updated in place, so a compiled decoding step does not recompile for every token."""
 
     def __init__(
         self,
@@ -485,66 +533,73 @@ class xLSTMCache:
         device: torch.device | str | None = None,
         state_dtype: torch.dtype | None = None,
     ):
-        self.config = config
-        self.batch_size = batch_size
-        self.device = device
         self.state_dtype = state_dtype if state_dtype is not None else getattr(torch, config.state_dtype)
         if not self.state_dtype.is_floating_point:
             raise ValueError(f"xLSTMCache: state_dtype={self.state_dtype} must be a floating-point dtype")
         if batch_size < 1:
             raise ValueError(f"xLSTMCache: batch_size={batch_size} must be >= 1")
-        self.states: list[tuple[torch.Tensor, ...] | None] = [None] * config.num_hidden_layers
-        self.seqlen_offset = 0
-        # (C, n, m) of an mLSTM block, (h, c, n, m) of an sLSTM block; a conv window may follow
-        self._n_recurrent = [3 if t == "m" else 4 for t in config.block_types]
-        self._block_types = config.block_types
-
-    def __len__(self) -> int:
-        return len(self.states)
+        super().__init__(layers=[xLSTMCacheLayer(3 if t == "m" else 4) for t in config.block_types])
+        self.config = config
+        self.max_batch_size = batch_size
+        self.device = device
+        self.block_types = config.block_types
+        self.seen_tokens = torch.zeros((), dtype=torch.long, device=device)
 
     def __repr__(self) -> str:
-        return (
-            f"xLSTMCache(batch_size={self.batch_size}, blocks={len(self.states)}, "
-            f"seqlen_offset={self.seqlen_offset}, nbytes={self.nbytes})"
-        )
+        return f"xLSTMCache(batch_size={self.max_batch_size}, blocks={len(self)}, nbytes={self.nbytes})"
 
-    def get_layer_state(self, idx: int) -> tuple[torch.Tensor, ...] | None:
-        return self.states[idx]
+    @property
+    def states(self) -> list[tuple[torch.Tensor | None, ...] | None]:
+        """Every block's (*recurrent, conv window or None), None while empty."""
+        return [layer.state() for layer in self.layers]
 
-    def set_layer_state(self, idx: int, state: tuple[torch.Tensor, ...]) -> None:
-        n = self._n_recurrent[idx]
-        self.states[idx] = tuple(t.to(self.state_dtype) for t in state[:n]) + tuple(state[n:])
+    def update_state(self, layer_idx: int, state: tuple[torch.Tensor | None, ...]) -> None:
+        self.layers[layer_idx].set_state(state, self.state_dtype)
+
+    def add_tokens(self, count: int, device: torch.device) -> None:
+        if self.seen_tokens.device != device:  # a cache made without a device follows the model's
+            self.seen_tokens = self.seen_tokens.to(device)
+        self.seen_tokens.add_(count)
 
     def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        """Tokens processed so far (generate() uses it to pass only the new tokens of a continued prompt)."""
-        return self.seqlen_offset
+        """Tokens processed so far."""
+        return int(self.seen_tokens)
 
     @property
     def is_linear(self) -> list[bool]:
-        # generate() slices a continued prompt by get_seq_length() only for layers that are not "linear" (its name for
-        # caches that do not count tokens); this cache counts them.
-        return [False] * len(self.states)
+        # generate() slices a continued prompt by get_seq_length() only when some layer is not "linear" (its name for
+        # caches that do not count tokens); this one counts them
+        return [False] * len(self.layers)
+
+    @property
+    def batch_size(self) -> int:
+        return self.max_batch_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the states."""
+        return sum(t.numel() * t.element_size() for s in self.states if s is not None for t in s if t is not None)
 
     def check_compatible(
         self, config: xLSTMConfig, batch_size: int, dtype: torch.dtype, device: torch.device | None = None
     ) -> None:
         """Raise a ValueError naming the mismatch when this cache cannot continue a batch of this model on `device`."""
-        if self.config is not config and self._block_types != config.block_types:
+        if self.config is not config and self.block_types != config.block_types:
             raise ValueError(
-                f"cache was built for blocks {''.join(self._block_types)}, the model has {''.join(config.block_types)}"
+                f"cache was built for blocks {''.join(self.block_types)}, the model has {''.join(config.block_types)}"
             )
-        if self.batch_size != batch_size:
+        if self.max_batch_size != batch_size:
             raise ValueError(
-                f"cache was built for batch size {self.batch_size}, but the input has batch size {batch_size}"
+                f"cache was built for batch size {self.max_batch_size}, but the input has batch size {batch_size}"
             )
-        for idx, state in enumerate(self.states):
-            conv = state[-1] if state is not None and len(state) in (4, 5) else None
+        for idx, layer in enumerate(self.layers):
+            conv = layer.conv_states[0]
             if conv is not None and conv.dtype != dtype:
                 raise ValueError(
                     f"cache block {idx} holds a conv window of dtype {conv.dtype}, but the activations are {dtype}: "
                     "a cache is tied to the dtype of the model that filled it"
                 )
-        held = next((t.device for st in self.states if st is not None for t in st if t is not None), None)
+        held = next((layer.device for layer in self.layers if layer.device is not None), None)
         held = held if held is not None or self.device is None else torch.device(self.device)
         if device is not None and held is not None and not _same_device(held, device):
             raise ValueError(
@@ -552,28 +607,21 @@ class xLSTMCache:
                 "(or start a new one)"
             )
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the states."""
-        return sum(t.numel() * t.element_size() for s in self.states if s is not None for t in s if t is not None)
-
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search): every state tensor is indexed by `beam_idx` along the batch dim."""
-        for idx, s in enumerate(self.states):
-            if s is not None:
-                self.states[idx] = tuple(t.index_select(0, beam_idx.to(t.device)) if t is not None else None for t in s)
-        self.batch_size = int(beam_idx.shape[0])
+        """Select batch rows (beam search)."""
+        super().reorder_cache(beam_idx)
+        self.max_batch_size = int(beam_idx.shape[0])
 
     def detach(self) -> xLSTMCache:
         """Detach the states from the graph in place (truncated back-propagation through time)."""
-        for idx, s in enumerate(self.states):
-            if s is not None:
-                self.states[idx] = tuple(t.detach() if t is not None else None for t in s)
+        for layer in self.layers:
+            layer.detach()
+        self.seen_tokens = self.seen_tokens.detach()
         return self
 
     def reset(self) -> None:
-        self.states = [None] * len(self.states)
-        self.seqlen_offset = 0
+        super().reset()
+        self.seen_tokens.zero_()
 
 
 @dataclass
@@ -606,7 +654,7 @@ def _wang_init_std(dim: int, num_blocks: int) -> float:
     return 2 / num_blocks / math.sqrt(dim)
 
 
-class xLSTMPreTrainedModel(PreTrainedModel):
+class xLSTMHFPreTrainedModel(PreTrainedModel):
     config_class = xLSTMConfig
     config: xLSTMConfig
     base_model_prefix = "backbone"
@@ -693,7 +741,7 @@ class xLSTMPreTrainedModel(PreTrainedModel):
         return bias.reshape(NH, 4 * DH)
 
 
-class xLSTMModel(xLSTMPreTrainedModel):
+class xLSTMHFModel(xLSTMHFPreTrainedModel):
     """Embeddings, the stack of blocks and the output norm."""
 
     def __init__(self, config: xLSTMConfig):
@@ -813,15 +861,15 @@ class xLSTMModel(xLSTMPreTrainedModel):
         x = self.out_norm(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
         if cache is not None:
             for idx, state in enumerate(states):
-                cache.set_layer_state(idx, state)
-            cache.seqlen_offset += S
+                cache.update_state(idx, state)
+            cache.add_tokens(S, x.device)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (x,)
         out = xLSTMOutput(last_hidden_state=x, cache=cache if use_cache else None, hidden_states=all_hidden)
         return out if return_dict else out.to_tuple()
 
 
-class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
+class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
     """xLSTMModel with a language-model head; `labels` give the shifted cross-entropy (-100 ignored), `shift_labels`
     the cross-entropy against targets already shifted (what context-parallel training passes)."""
 
@@ -829,7 +877,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
 
     def __init__(self, config: xLSTMConfig):
         super().__init__(config)
-        self.backbone = xLSTMModel(config)
+        self.backbone = xLSTMHFModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.logit_soft_cap = config.output_logit_soft_cap if config.architecture == "7b" else None
         self.fuse_cross_entropy = config.fuse_cross_entropy
@@ -847,7 +895,7 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def get_decoder(self) -> xLSTMModel:
+    def get_decoder(self) -> xLSTMHFModel:
         return self.backbone
 
     def _check_labels(self, name: str, labels: torch.Tensor, inputs: torch.Tensor) -> None:
@@ -980,4 +1028,40 @@ class xLSTMForCausalLM(xLSTMPreTrainedModel, GenerationMixin):
         return result if return_dict else result.to_tuple()
 
 
-__all__ = ["xLSTMCache", "xLSTMForCausalLM", "xLSTMModel", "xLSTMPreTrainedModel"]
+# The public names. The classes' own names differ from transformers' built-in xLSTM classes (xLSTMForCausalLM, ...):
+# save_pretrained writes the class name into config.json's `architectures`, which clients such as TRL look up in
+# transformers first, and the built-in class of the same name would load these weights.
+xLSTMPreTrainedModel = xLSTMHFPreTrainedModel
+xLSTMModel = xLSTMHFModel
+xLSTMForCausalLM = xLSTMHFForCausalLM
+
+__all__ = [
+    "xLSTMCache",
+    "xLSTMForCausalLM",
+    "xLSTMHFForCausalLM",
+    "xLSTMHFModel",
+    "xLSTMHFPreTrainedModel",
+    "xLSTMModel",
+    "xLSTMPreTrainedModel",
+]
+
+
+# PEFT's default LoRA targets for model_type "xlstm_hf": PEFT fills `target_modules=None` from its per-model-type
+# mappings (peft.utils.TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING, read when get_peft_model wraps the model), so
+# an entry makes `LoraConfig(task_type="CAUSAL_LM")` (DoRA included) work without naming modules. Registered here, in
+# the file that a Hub copy runs under trust_remote_code, not only when the package is imported. The targets are the
+# nn.Linear projections into and out of every mixer and feed-forward: the paper stack's block-diagonal q/k/v and sLSTM
+# gate maps are not nn.Linear, and the gate projections have one output per head.
+LORA_TARGET_MODULES = ["proj_up", "proj_up_gate", "proj_down", "q", "k", "v", "out_proj"]
+try:  # inside try: transformers' remote-code import scan then does not require peft
+    import peft.utils as _peft_utils
+
+    for _name in (
+        "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
+        "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
+        "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
+        "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
+    ):
+        getattr(_peft_utils, _name, {}).setdefault(xLSTMConfig.model_type, list(LORA_TARGET_MODULES))
+except ImportError:
+    pass
