@@ -238,3 +238,76 @@ def test_decoding_step_compiles_without_graph_breaks(family):
         cache = model(torch.randint(1, 96, (1, 7)), use_cache=True).cache
         explained = torch._dynamo.explain(model)(torch.tensor([[3]]), cache=cache)
     assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+
+
+@pytest.mark.parametrize("family", ["mixed", "7b"])
+def test_the_cache_is_a_compileable_transformers_cache(family):
+    """What generate() and transformers' tools expect of a recurrent model's cache: a `Cache` of linear-attention
+    layers, compileable, float32 states whatever the weights' dtype, constant size, written in place while decoding
+    (the addresses a captured graph replays into stay the same)."""
+    from transformers.cache_utils import Cache, LinearAttentionCacheLayerMixin
+
+    model = make(family).to(torch.bfloat16)
+    out = model.generate(torch.randint(1, 96, (2, 5)), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    cache = out.cache
+    assert isinstance(cache, Cache) and cache.is_compileable and len(cache) == model.config.num_hidden_layers
+    assert all(isinstance(layer, LinearAttentionCacheLayerMixin) for layer in cache.layers)
+    assert cache.get_seq_length() == 6  # 5 prompt tokens and the first new one went through the model
+    recurrent = [t for layer in cache.layers for t in layer.recurrent_states.values()]
+    assert recurrent and all(t.dtype == torch.float32 for t in recurrent)
+    addresses, nbytes = [t.data_ptr() for t in recurrent], cache.nbytes
+    with torch.no_grad():
+        model(torch.randint(1, 96, (2, 1)), cache=cache)
+    assert [t.data_ptr() for layer in cache.layers for t in layer.recurrent_states.values()] == addresses
+    assert cache.nbytes == nbytes and cache.get_seq_length() == 7
+
+
+@pytest.mark.parametrize("family", ["mixed", "7b"])
+def test_generate_hands_back_a_cache_that_continues(family):
+    """generate(..., return_dict_in_generate=True) returns the cache; generate(sequences, cache=it) continues with the
+    tokens of one longer call (greedy), passing only the tokens the cache has not seen."""
+    model = make(family)
+    prompt = torch.randint(1, 96, (2, 6))
+    first = model.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    more = model.generate(first.sequences, cache=first.cache, max_new_tokens=5, do_sample=False)
+    whole = model.generate(prompt, max_new_tokens=9, do_sample=False)
+    assert torch.equal(more, whole)
+
+
+@pytest.mark.parametrize("family", ["mixed", "7b"])
+def test_compile_config_compiles_one_decoding_graph(family):
+    """generate(..., compile_config=CompileConfig(...)) compiles the decoding step once per batch size (all devices
+    allowed here: transformers compiles by itself on CUDA only) and gives the eager tokens and logits; more tokens
+    and a second call do not recompile."""
+    from transformers import CompileConfig
+
+    model = make(family)
+    prompt = torch.randint(1, 96, (2, 7))
+    kwargs = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    eager = model.generate(prompt, **kwargs)
+    config = CompileConfig(fullgraph=True, dynamic=False)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(prompt, compile_config=config, **kwargs)
+    again = model.generate(prompt, compile_config=config, **{**kwargs, "max_new_tokens": 12})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert torch.equal(compiled.sequences, eager.sequences) and torch.equal(again.sequences[:, :15], eager.sequences)
+    torch.testing.assert_close(torch.stack(compiled.logits), torch.stack(eager.logits), **LOGIT_TOL)
+
+
+def test_output_scores_and_num_return_sequences():
+    """Scores of every step (processed and raw), and num_return_sequences with sampling and with beams, in the shapes
+    generate() documents; greedy scores are the raw logits' argmax."""
+    model = make()
+    prompt = torch.randint(1, 96, (2, 5))
+    out = model.generate(
+        prompt, max_new_tokens=4, do_sample=False, output_scores=True, output_logits=True, return_dict_in_generate=True
+    )
+    assert len(out.scores) == len(out.logits) == 4 and out.scores[0].shape == (2, model.config.vocab_size)
+    for step, logits in enumerate(out.logits):
+        assert torch.equal(logits.argmax(-1), out.sequences[:, 5 + step])
+    sampled = model.generate(prompt, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+    beams = model.generate(prompt, max_new_tokens=3, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert sampled.shape == beams.shape == (4, 8)
+    assert torch.equal(sampled[::2, :5], prompt) and torch.equal(beams[1::2, :5], prompt)

@@ -941,6 +941,24 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         targets = shift_labels.reshape(-1).to(z.device)
         return LogitsLossFunction.apply(z, targets, self.logit_soft_cap, -100, num_items_in_batch)
 
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: Any,
+        model_kwargs: dict[str, Any],
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        """generate() makes the xLSTMCache before the prefill (it makes none itself for a model named xLSTM), so that
+        its compile criteria see a compileable cache and compile the decoding step (`compile_config`; by itself on
+        CUDA). A cache passed by the user is checked by transformers as for any model."""
+        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
+        model_kwargs["cache"] = xLSTMCache(self.config, rows, device=self.get_input_embeddings().weight.device)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
