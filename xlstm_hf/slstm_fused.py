@@ -5,17 +5,18 @@ state (h, c, n, m) each [B, NH, DH] float32, mask [B, S] bool (False: padding, t
 
 One program per (tile of BB sequences, head) runs the whole time loop. A head's recurrent matrix does not fit on
 chip at the paper's head dims (DH 256: 4 * 256 * 256 float32 = 1 MB, an SM has 228 KB of shared memory and 256 KB of
-registers), so every step streams r from L2 in [BN, BN] tiles, one tile of BN gate columns at a time, and the state
-goes through global memory between steps (float32 buffers with a step axis, [B, NH, NSTEPS, DH]): a column tile
-needs all of h_{t-1} but computes only its own columns of h_t. A block barrier ends each phase, after which every
-warp of the program sees the others' writes. Any DH works (BN-wide tiles, the last one masked).
+registers), so every step streams r from L2 in tiles. A block barrier ends each phase that other warps read back,
+after which every warp of the program sees the others' global writes. Any DH works (tiles masked at the edge).
 
-Forward, per step t and column tile: x_t + h_{t-1} @ r for the tile's columns of the four gates, the gate and
-stabiliser arithmetic, h_t, c_t, n_t, m_t into step slot t + 1. Training keeps every step (NSTEPS = S + 1, read back
-by the backward); inference keeps two slots and alternates.
-Backward, per step in reverse: (A) per column tile, the step recomputed from the stored step-t state, the gate
-gradients dx_t and the carried dc, dn, dm; (B) per column tile, dh_{t-1} = dx_t @ r^T (all 4 DH gate columns);
-dx is written in float32 and dr = sum over (b, t) of h_{t-1}^T dx_t is one batched matmul after the loop.
+Forward, per step t and BN-wide column tile: x_t + h_{t-1} @ r for the tile's columns of the four gates (h_{t-1}
+read back in [BB, BN] slices, r in [BN, BN] tiles), the gate and stabiliser arithmetic, h_t, c_t, n_t, m_t into step
+slot t + 1 of float32 buffers [B, NH, NSTEPS, DH]: a column tile needs all of h_{t-1} but computes only its own
+columns of h_t. Training keeps every step (NSTEPS = S + 1) and the pre-activations x_t + h_{t-1} @ r
+([B, NH, S, 4 * DH] float32) for the backward; inference keeps two alternating slots.
+Backward, per step in reverse, in BN-wide column tiles (the carried gradients through [B, NH, 2, DH] buffers):
+(A) per column tile, the step recomputed from the stored pre-activations and state, the gate gradients dx_t and the
+carried dc, dn, dm; (B) per column tile, dh_{t-1} = dx_t @ r^T (all 4 DH gate columns). dx is written in float32 and
+dr = sum over (b, t) of h_{t-1}^T dx_t is one batched matmul after the loop.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ if HAS_TRITON:
         cs_ptr,
         ns_ptr,
         ms_ptr,
+        gates_ptr,
         B,
         S,
         NSTEPS,
@@ -73,6 +75,7 @@ if HAS_TRITON:
         BB: tl.constexpr,
         BN: tl.constexpr,
         HAS_MASK: tl.constexpr,
+        STORE_GATES: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         i_b = tl.program_id(0)
@@ -91,6 +94,12 @@ if HAS_TRITON:
                 cols = j + tl.arange(0, BN)
                 mask_bn = mask_b[:, None] & (cols < DH)[None, :]
                 g_i, g_f, g_z, g_o = _preactivations(x_ptr, r_ptr, hs_ptr, p_x, p_prev, cols, mask_b, DH, BN, PRECISION)
+                if STORE_GATES:
+                    p_g = gates_ptr + p_x[:, None] + cols[None, :]  # [BB, BN]
+                    tl.store(p_g, g_i, mask=mask_bn)
+                    tl.store(p_g + DH, g_f, mask=mask_bn)
+                    tl.store(p_g + 2 * DH, g_z, mask=mask_bn)
+                    tl.store(p_g + 3 * DH, g_o, mask=mask_bn)
                 o_prev = p_prev[:, None] + cols[None, :]  # [BB, BN]
                 c = tl.load(cs_ptr + o_prev, mask=mask_bn, other=0.0)
                 n = tl.load(ns_ptr + o_prev, mask=mask_bn, other=0.0)
@@ -118,10 +127,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _slstm_bwd_kernel(
-        x_ptr,
+        gates_ptr,
         r_ptr,
         mask_ptr,
-        hs_ptr,
         cs_ptr,
         ns_ptr,
         ms_ptr,
@@ -140,8 +148,9 @@ if HAS_TRITON:
         HAS_MASK: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """hs..ms [B, NH, S + 1, DH] the forward's states; dhs..dms [B, NH, 2, DH] the carried gradients, slot
-        S % 2 holding those of the final state on entry and slot 0 those of the initial state on exit."""
+        """gates [B, NH, S, 4 * DH] the forward's pre-activations x_t + h_{t-1} @ r; cs, ns, ms [B, NH, S + 1, DH]
+        its states; dhs..dms [B, NH, 2, DH] the carried gradients, slot S % 2 holding those of the final state on
+        entry and slot 0 those of the initial state on exit."""
         i_b = tl.program_id(0)
         i_h = tl.program_id(1)
         o_b = i_b * BB + tl.arange(0, BB)
@@ -161,7 +170,11 @@ if HAS_TRITON:
             for j in range(0, DH, BN):
                 cols = j + tl.arange(0, BN)
                 mask_bn = mask_b[:, None] & (cols < DH)[None, :]
-                g_i, g_f, g_z, g_o = _preactivations(x_ptr, r_ptr, hs_ptr, p_x, p_prev, cols, mask_b, DH, BN, PRECISION)
+                p_g = gates_ptr + p_x[:, None] + cols[None, :]  # [BB, BN]
+                g_i = tl.load(p_g, mask=mask_bn, other=0.0)
+                g_f = tl.load(p_g + DH, mask=mask_bn, other=0.0)
+                g_z = tl.load(p_g + 2 * DH, mask=mask_bn, other=0.0)
+                g_o = tl.load(p_g + 3 * DH, mask=mask_bn, other=0.0)
                 o_prev = p_prev[:, None] + cols[None, :]  # [BB, BN]
                 o_in = p_in[:, None] + cols[None, :]
                 c_p = tl.load(cs_ptr + o_prev, mask=mask_bn, other=0.0)
@@ -239,16 +252,17 @@ if HAS_TRITON:
             tl.debug_barrier()  # the carried gradients complete before step t - 1 reads them
 
 
-def _launch(DH: int, dtype: torch.dtype) -> tuple[int, int, int, int, str]:
-    """(BB, BN, num_warps, num_stages, precision), chosen from the compile figures of
-    ``tests/test_kernel_compile.py`` at head dims 48 to 256 on sm_80 and sm_90 (benchmarks/RESULTS.md): a tile of 16
-    sequences (the smallest tl.dot operand); with TF32 dots (bfloat16 x, or float32 under torch's "high" matmul
-    precision) 16-wide column and row tiles with 8 warps compile without spills (32-wide ones spill up to 72 B per
-    thread); with full-precision float32 dots ("highest") 32-wide tiles with 4 warps spill at most 8 B (one
-    loop-invariant offset, reloaded once per step; 8 warps spill up to 72 B). Shared memory stays under 8 KB."""
+def _launch(DH: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int, str]:
+    """(BB, BN, num_warps, precision), chosen from the compile figures of ``tests/test_kernel_compile.py`` at head
+    dims 48 to 256 on sm_80 and sm_90 (benchmarks/RESULTS.md): a tile of 16 sequences (the smallest tl.dot operand)
+    and BN-wide column and row tiles of the head. float32 x follows torch's matmul precision switch; bfloat16 x
+    multiplies the float32 h and r in TF32 (16-wide tiles, 8 warps: no spills; 32-wide ones spill up to 72 B per
+    thread). Full-precision float32 dots ("highest") take more registers: the forward runs 32-wide tiles with 4
+    warps (at most 8 B spilled; 16-wide with 8 warps spill 16-24 B), the backward 16-wide with 8 warps (none; 32-wide
+    with 4 warps spill 16-24 B on sm_80)."""
     precision = dot_precision(torch.float32) if dtype == torch.float32 else "tf32"
-    cap, num_warps = (32, 4) if precision == "ieee" else (16, 8)
-    return 16, min(cap, max(16, triton.next_power_of_2(DH))), num_warps, 1, precision
+    BN, num_warps = (32, 4) if precision == "ieee" and not backward else (16, 8)
+    return 16, min(BN, max(16, triton.next_power_of_2(DH))), num_warps, precision
 
 
 def slstm_unsupported(x: torch.Tensor, r: torch.Tensor) -> str | None:
@@ -265,29 +279,32 @@ def slstm_unsupported(x: torch.Tensor, r: torch.Tensor) -> str | None:
 def slstm_fwd(
     x: torch.Tensor, r: torch.Tensor, state: SLSTMState, mask: torch.Tensor | None, store_states: bool
 ) -> tuple[torch.Tensor, ...]:
-    """y [B, NH, S, DH] in x's dtype, the final (h, c, n, m), and with ``store_states`` the states before and after
-    every step, each [B, NH, S + 1, DH] float32 (else None)."""
+    """y [B, NH, S, DH] in x's dtype, the final (h, c, n, m), and with ``store_states`` the pre-activations
+    x_t + h_{t-1} @ r [B, NH, S, 4 * DH] and the states before and after every step, each [B, NH, S + 1, DH], all
+    float32 (else None)."""
     B, NH, S, G = x.shape
     DH = G // 4
-    BB, BN, num_warps, num_stages, precision = _launch(DH, x.dtype)
+    BB, BN, num_warps, precision = _launch(DH, x.dtype, backward=False)
     NSTEPS = S + 1 if store_states else 2
     seq = [torch.empty(B, NH, NSTEPS, DH, device=x.device, dtype=torch.float32) for _ in range(4)]
     for buffer, initial in zip(seq, state, strict=True):
         buffer[:, :, 0] = initial
     y = torch.empty(B, NH, S, DH, device=x.device, dtype=store_dtype(x.dtype))
+    gates = torch.empty(B, NH, S, G, device=x.device, dtype=torch.float32) if store_states else None
     _slstm_fwd_kernel[(triton.cdiv(B, BB), NH)](
-        x, r, mask if mask is not None else x, y, *seq,
-        B=B, S=S, NSTEPS=NSTEPS, NH=NH, DH=DH, BB=BB, BN=BN, HAS_MASK=mask is not None, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        x, r, mask if mask is not None else x, y, *seq, gates if store_states else y,
+        B=B, S=S, NSTEPS=NSTEPS, NH=NH, DH=DH, BB=BB, BN=BN, HAS_MASK=mask is not None, STORE_GATES=store_states,
+        PRECISION=precision, num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     final = [t[:, :, S % NSTEPS].clone() for t in seq]
-    return y.to(x.dtype), *final, *(seq if store_states else [None] * 4)
+    return y.to(x.dtype), *final, gates, *(seq if store_states else [None] * 4)
 
 
 def slstm_bwd(
     x: torch.Tensor,
     r: torch.Tensor,
     mask: torch.Tensor | None,
+    gates: torch.Tensor,
     states: tuple[torch.Tensor, ...],
     dy: torch.Tensor,
     dfinal: tuple[torch.Tensor, ...],
@@ -295,15 +312,15 @@ def slstm_bwd(
     """dx [B, NH, S, 4 * DH] and dr [NH, DH, 4 * DH] (float32) and the initial state's dh0, dc0, dn0, dm0."""
     B, NH, S, G = x.shape
     DH = G // 4
-    BB, BN, num_warps, num_stages, precision = _launch(DH, x.dtype)
+    BB, BN, num_warps, precision = _launch(DH, x.dtype, backward=True)
     dx = torch.empty(B, NH, S, G, device=x.device, dtype=torch.float32)
     carried = [torch.empty(B, NH, 2, DH, device=x.device, dtype=torch.float32) for _ in range(4)]
     for buffer, d in zip(carried, dfinal, strict=True):
         buffer[:, :, S % 2] = d
     _slstm_bwd_kernel[(triton.cdiv(B, BB), NH)](
-        x, r, mask if mask is not None else x, *states, dy, *carried, dx,
+        gates, r, mask if mask is not None else x, *states[1:], dy, *carried, dx,
         B=B, S=S, NH=NH, DH=DH, BB=BB, BN=BN, HAS_MASK=mask is not None, PRECISION=precision,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=1,
     )  # fmt: skip
     dr = torch.einsum("bhsd,bhsg->hdg", states[0][:, :, :-1], dx)
     return dx, dr, *(t[:, :, 0] for t in carried)
@@ -312,14 +329,14 @@ def slstm_bwd(
 class SLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, r, h0, c0, n0, m0, mask):
-        y, h, c, n, m, *states = slstm_fwd(x, r, (h0, c0, n0, m0), mask, store_states=True)
-        ctx.save_for_backward(x, r, mask, *states)
+        y, h, c, n, m, gates, *states = slstm_fwd(x, r, (h0, c0, n0, m0), mask, store_states=True)
+        ctx.save_for_backward(x, r, mask, gates, *states)
         return y, h, c, n, m
 
     @staticmethod
     def backward(ctx, dy, dh, dc, dn, dm):
-        x, r, mask, *states = ctx.saved_tensors
-        dx, dr, dh0, dc0, dn0, dm0 = slstm_bwd(x, r, mask, tuple(states), dy.contiguous(), (dh, dc, dn, dm))
+        x, r, mask, gates, *states = ctx.saved_tensors
+        dx, dr, dh0, dc0, dn0, dm0 = slstm_bwd(x, r, mask, gates, tuple(states), dy.contiguous(), (dh, dc, dn, dm))
         return dx.to(x.dtype), dr.to(r.dtype), dh0, dc0, dn0, dm0, None
 
 
