@@ -51,8 +51,8 @@ from torch.utils._pytree import tree_leaves
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import xlstm_hf.checks as checks  # noqa: E402
 import xlstm_hf.fused_ops as fused_ops  # noqa: E402
-import xlstm_hf.modeling_xlstm as modeling  # noqa: E402
 from xlstm_hf import xLSTMConfig, xLSTMForCausalLM  # noqa: E402
 
 GB = 1e9
@@ -274,7 +274,7 @@ def training_step_memory(
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))  # to_empty reads the meta parameters
             model = model.to_empty(device="cpu")
             # the input checks read token values, which fake tensors do not have
-            stack.enter_context(mock.patch.object(modeling, "_out_of_vocabulary", lambda *args, **kwargs: None))
+            stack.enter_context(mock.patch.object(checks, "out_of_vocabulary", lambda *args, **kwargs: None))
         if as_gpu:
             gpu_blocks = _row_blocks_as_on_gpu(fused_ops._row_blocks)
             stack.enter_context(mock.patch.object(fused_ops, "_row_blocks", gpu_blocks))

@@ -1,9 +1,11 @@
 """xLSTM models for transformers: the paper's mLSTM/sLSTM stacks and the xLSTM-7B stack.
 
 Reading order: norms, conv, head-wise projection, the recurrent ops (the one place where kernel and reference are
-chosen), mLSTM layers, sLSTM layer, feed-forward, block, cache, PreTrainedModel, xLSTMHFModel, xLSTMHFForCausalLM. Every
+chosen), mLSTM layers, sLSTM layer, feed-forward, block, PreTrainedModel, xLSTMHFModel, xLSTMHFForCausalLM. Every
 tensor inside a layer is [B, S, D] (residual stream) or [B, NH, S, DH] (heads). A layer calls its modules and nothing
-else: quantisers, PEFT, accelerate hooks, FSDP and exporters see ordinary `nn.Linear`s.
+else: quantisers, PEFT, accelerate hooks, FSDP and exporters see ordinary `nn.Linear`s. Beside this file: the
+recurrent state as a transformers Cache (cache_xlstm.py), packed documents (packing.py), input checks (checks.py),
+the fused logits + loss (fused_ops.py), the kernels and their references.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, LinearAttentionLayer
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
+from .cache_xlstm import xLSTMCache
+from .checks import check_inputs, check_labels
 from .configuration_xlstm import xLSTMConfig
 from .convert import HUB_KWARGS, check_transformers_xlstm_load, load_transformers_xlstm
 from .fused_ops import LogitsLossFunction, functorch_active
@@ -453,178 +456,6 @@ class xLSTMBlock(GradientCheckpointingLayer):
         return hidden_states, state if return_state else None
 
 
-def _out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
-    """The first id outside [0, vocab_size) (other than `ignored`), or None. A data-dependent check: skipped while
-    torch.compile traces, where it would break the graph, and under torch.func.vmap, which cannot take it."""
-    if torch.compiler.is_compiling() or functorch_active():
-        return None
-    bad = (ids < 0) | (ids >= vocab_size)
-    if ignored is not None:
-        bad &= ids != ignored
-    return ids[bad][0].item() if bool(bad.any()) else None
-
-
-def _same_device(a: torch.device, b: torch.device) -> bool:
-    """Same device type, and the same index where both name one ("cuda" matches "cuda:0")."""
-    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
-
-
-class xLSTMCacheLayer(LinearAttentionLayer):
-    """One block's recurrent state as a transformers linear-attention cache layer: `recurrent_states[j]` hold the
-    mixer's state tensors (mLSTM: C [B, NH, DK, DV], n [B, NH, DK], m [B, NH]; sLSTM: h, c, n, m [B, NH, DH]) in the
-    cache's `state_dtype`, `conv_states[0]` the conv window [B, KS - 1, D] in the activations' dtype (None without a
-    conv). The tensors are allocated by the first update (the prefill) and written in place after it, so that a
-    captured graph (generate's compiled decoding) replays into the same memory; an update that carries autograd
-    history (training with a cache) replaces them instead, as writing into a tensor that backward has saved would
-    break it."""
-
-    def __init__(self, num_recurrent: int):
-        super().__init__(number_of_states=num_recurrent)
-
-    def state(self) -> tuple[torch.Tensor, ...] | None:
-        """(*recurrent, conv window or None), or None while empty."""
-        if not self.has_previous_state[0]:
-            return None
-        return (*self.recurrent_states.values(), self.conv_states[0])
-
-    def set_state(self, state: tuple[torch.Tensor | None, ...], state_dtype: torch.dtype) -> None:
-        """state: (*recurrent, conv window or None) as a layer returns it."""
-        *recurrent, conv = state
-        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in state)
-        for j, t in enumerate(recurrent):
-            t = t.to(state_dtype)
-            if tracked or not self.is_recurrent_states_initialized[j]:
-                self._assign(self.recurrent_states, self.is_recurrent_states_initialized, j, t, static=not tracked)
-            else:
-                self.recurrent_states[j].copy_(t)
-            self.has_previous_state[j] = True
-        if conv is not None:
-            if tracked or not self.is_conv_states_initialized[0]:
-                self._assign(self.conv_states, self.is_conv_states_initialized, 0, conv, static=not tracked)
-            else:
-                self.conv_states[0].copy_(conv)
-
-    def _assign(self, states: dict, initialized: dict, j: int, t: torch.Tensor, static: bool) -> None:
-        if static:  # a buffer of its own, at a fixed address
-            t = t.detach().clone(memory_format=torch.contiguous_format)
-            if not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(t)
-        states[j] = t
-        initialized[j] = True
-        self.device, self.dtype = t.device, t.dtype
-
-    def detach(self) -> None:
-        for states in (self.recurrent_states, self.conv_states):
-            for j, t in states.items():
-                if t is not None:
-                    states[j] = t.detach()
-
-
-class xLSTMCache(Cache):
-    """The recurrent state of every block (one `xLSTMCacheLayer` each), constant in size whatever the number of tokens
-    processed. Recurrent states are kept in `state_dtype` (float32 by default, whatever the weights' dtype). It counts
-    the tokens it has seen (`get_seq_length`), so that generate() passes only the new tokens of a continued prompt;
-    the count is a tensor updated in place, so a compiled decoding step does not recompile for every token."""
-
-    def __init__(
-        self,
-        config: xLSTMConfig,
-        batch_size: int,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        state_dtype: torch.dtype | None = None,
-    ):
-        self.state_dtype = state_dtype if state_dtype is not None else getattr(torch, config.state_dtype)
-        if not self.state_dtype.is_floating_point:
-            raise ValueError(f"xLSTMCache: state_dtype={self.state_dtype} must be a floating-point dtype")
-        if batch_size < 1:
-            raise ValueError(f"xLSTMCache: batch_size={batch_size} must be >= 1")
-        super().__init__(layers=[xLSTMCacheLayer(3 if t == "m" else 4) for t in config.block_types])
-        self.config = config
-        self.max_batch_size = batch_size
-        self.device = device
-        self.block_types = config.block_types
-        self.seen_tokens = torch.zeros((), dtype=torch.long, device=device)
-
-    def __repr__(self) -> str:
-        return f"xLSTMCache(batch_size={self.max_batch_size}, blocks={len(self)}, nbytes={self.nbytes})"
-
-    @property
-    def states(self) -> list[tuple[torch.Tensor | None, ...] | None]:
-        """Every block's (*recurrent, conv window or None), None while empty."""
-        return [layer.state() for layer in self.layers]
-
-    def update_state(self, layer_idx: int, state: tuple[torch.Tensor | None, ...]) -> None:
-        self.layers[layer_idx].set_state(state, self.state_dtype)
-
-    def add_tokens(self, count: int, device: torch.device) -> None:
-        if self.seen_tokens.device != device:  # a cache made without a device follows the model's
-            self.seen_tokens = self.seen_tokens.to(device)
-        self.seen_tokens.add_(count)
-
-    def get_seq_length(self, layer_idx: int | None = 0) -> int:
-        """Tokens processed so far."""
-        return int(self.seen_tokens)
-
-    @property
-    def is_linear(self) -> list[bool]:
-        # generate() slices a continued prompt by get_seq_length() only when some layer is not "linear" (its name for
-        # caches that do not count tokens); this one counts them
-        return [False] * len(self.layers)
-
-    @property
-    def batch_size(self) -> int:
-        return self.max_batch_size
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the states."""
-        return sum(t.numel() * t.element_size() for s in self.states if s is not None for t in s if t is not None)
-
-    def check_compatible(
-        self, config: xLSTMConfig, batch_size: int, dtype: torch.dtype, device: torch.device | None = None
-    ) -> None:
-        """Raise a ValueError naming the mismatch when this cache cannot continue a batch of this model on `device`."""
-        if self.config is not config and self.block_types != config.block_types:
-            raise ValueError(
-                f"cache was built for blocks {''.join(self.block_types)}, the model has {''.join(config.block_types)}"
-            )
-        if self.max_batch_size != batch_size:
-            raise ValueError(
-                f"cache was built for batch size {self.max_batch_size}, but the input has batch size {batch_size}"
-            )
-        for idx, layer in enumerate(self.layers):
-            conv = layer.conv_states[0]
-            if conv is not None and conv.dtype != dtype:
-                raise ValueError(
-                    f"cache block {idx} holds a conv window of dtype {conv.dtype}, but the activations are {dtype}: "
-                    "a cache is tied to the dtype of the model that filled it"
-                )
-        held = next((layer.device for layer in self.layers if layer.device is not None), None)
-        held = held if held is not None or self.device is None else torch.device(self.device)
-        if device is not None and held is not None and not _same_device(held, device):
-            raise ValueError(
-                f"cache holds its states on {held}, but the input is on {device}: move the cache with the model "
-                "(or start a new one)"
-            )
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Select batch rows (beam search)."""
-        super().reorder_cache(beam_idx)
-        self.max_batch_size = int(beam_idx.shape[0])
-
-    def detach(self) -> xLSTMCache:
-        """Detach the states from the graph in place (truncated back-propagation through time)."""
-        for layer in self.layers:
-            layer.detach()
-        self.seen_tokens = self.seen_tokens.detach()
-        return self
-
-    def reset(self) -> None:
-        super().reset()
-        self.seen_tokens.zero_()
-
-
 @dataclass
 class xLSTMOutput(ModelOutput):
     """last_hidden_state [B, S, D]; cache: the recurrent state after the last position; hidden_states: the
@@ -761,37 +592,6 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embeddings = value
 
-    def _check_inputs(
-        self,
-        input_ids: torch.LongTensor | None,
-        inputs_embeds: torch.Tensor | None,
-        attention_mask: torch.Tensor | None,
-        cache: xLSTMCache | None,
-    ) -> None:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("xLSTMModel.forward: pass exactly one of input_ids and inputs_embeds")
-        x = input_ids if input_ids is not None else inputs_embeds
-        if x.dim() != (2 if input_ids is not None else 3) or x.shape[1] == 0:
-            name = "input_ids" if input_ids is not None else "inputs_embeds"
-            raise ValueError(
-                f"xLSTMModel.forward: {name} has shape {tuple(x.shape)}, expected [B, S] with S > 0"
-                + ("" if input_ids is not None else " and a last dim D")
-            )
-        bad = _out_of_vocabulary(input_ids, self.config.vocab_size) if input_ids is not None else None
-        if bad is not None:
-            raise ValueError(
-                f"input_ids contains token id {bad} outside the vocabulary [0, vocab_size={self.config.vocab_size})"
-            )
-        if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape[:2]):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(x.shape[:2])} (the "
-                "xLSTM is recurrent: with a cache, pass the mask of the new tokens only)"
-            )
-        if cache is not None:
-            if not isinstance(cache, xLSTMCache):
-                raise ValueError(f"cache must be an xLSTMCache, got {type(cache).__name__}")
-            cache.check_compatible(self.config, x.shape[0], self.embeddings.weight.dtype, x.device)
-
     def _pieces(self, S: int, docs: DocumentLayout | None, output_hidden_states: bool) -> list[slice]:
         """The slices of the sequence that go through the stack one after another, the state carried between them:
         pieces of `max_inference_chunksize` for a long prompt without gradients (the activations held at once stay
@@ -822,7 +622,7 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
         or cu_seq_lens_q) run every document from an empty state."""
         if "cache_params" in kwargs or "past_key_values" in kwargs:
             cache = kwargs.pop("cache_params", None) or kwargs.pop("past_key_values", None) or cache
-        self._check_inputs(input_ids, inputs_embeds, attention_mask, cache)
+        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, self.embeddings.weight.dtype)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -898,20 +698,6 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
 
     def get_decoder(self) -> xLSTMHFModel:
         return self.backbone
-
-    def _check_labels(self, name: str, labels: torch.Tensor, inputs: torch.Tensor) -> None:
-        """labels (or shift_labels) must be [B, S] like the inputs and hold token ids or -100."""
-        if tuple(labels.shape) != tuple(inputs.shape[:2]):
-            raise ValueError(
-                f"{name} has shape {tuple(labels.shape)}, expected {tuple(inputs.shape[:2])} (one label per input "
-                "position, [B, S])"
-            )
-        bad = _out_of_vocabulary(labels, self.config.vocab_size, ignored=-100)
-        if bad is not None:
-            raise ValueError(
-                f"{name} contains {bad}, neither a token id in [0, vocab_size={self.config.vocab_size}) nor -100 "
-                "(ignored)"
-            )
 
     def _loss(
         self,
@@ -1018,7 +804,7 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         inputs = input_ids if input_ids is not None else inputs_embeds
         for name, t in (("labels", labels), ("shift_labels", shift_labels)):
             if t is not None and inputs is not None:
-                self._check_labels(name, t, inputs)
+                check_labels(name, t, inputs, self.config.vocab_size)
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
