@@ -99,3 +99,18 @@ def test_model_trained_with_kernels_loads_on_cpu_with_the_reference(tmp_path, tr
     with torch.no_grad():
         kernel_logits = model.eval()(ids).logits
         torch.testing.assert_close(loaded(ids).logits, kernel_logits, **TOL)
+
+
+def test_a_shape_the_kernel_refuses_runs_the_reference_and_says_why(triton_kernels, caplog):
+    """The dispatch asks the kernel (`mlstm_chunkwise_unsupported`): chunk_size 8 is below the kernel's smallest tile,
+    so the chunkwise op runs the PyTorch implementation, warns once naming the reason, and gives its logits."""
+    ref = randomize_(xlstm_hf.xLSTMForCausalLM(tiny_config("7b", chunk_size=8))).to(DEVICE).eval()
+    fast = xlstm_hf.xLSTMForCausalLM(tiny_config("7b", chunk_size=8, backend="triton")).to(DEVICE).eval()
+    fast.load_state_dict(ref.state_dict())
+    modeling_xlstm.logger.warning_once.cache_clear()
+    ids = torch.randint(1, 97, (1, 19), device=DEVICE)
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(fast(ids).logits, ref(ids).logits, atol=0, rtol=0)
+    reasons = [r.getMessage() for r in caplog.records if "chunk_size=8" in r.getMessage()]
+    assert len(reasons) == 1 and "mLSTM chunkwise" in reasons[0], [r.getMessage() for r in caplog.records]

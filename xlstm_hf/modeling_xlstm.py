@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +30,7 @@ from .checks import check_inputs, check_labels
 from .configuration_xlstm import xLSTMConfig
 from .convert import HUB_KWARGS, check_transformers_xlstm_load, load_transformers_xlstm
 from .fused_ops import LogitsLossFunction, functorch_active
-from .mlstm_chunk import HAS_TRITON, mlstm_chunkwise_triton
+from .mlstm_chunk import HAS_TRITON, mlstm_chunkwise_triton, mlstm_chunkwise_unsupported
 from .mlstm_chunk_torch import mlstm_chunkwise_torch
 from .mlstm_naive import (
     MASKED_IGATE,
@@ -39,9 +40,9 @@ from .mlstm_naive import (
     mlstm_recurrent,
     mlstm_recurrent_step,
 )
-from .mlstm_step import mlstm_step_triton
+from .mlstm_step import mlstm_step_triton, mlstm_step_unsupported
 from .packing import DocumentLayout, document_starts
-from .slstm_fused import slstm_triton
+from .slstm_fused import slstm_triton, slstm_unsupported
 from .slstm_naive import SLSTMState, slstm_empty_state, slstm_recurrent, slstm_recurrent_step, slstm_scan
 
 logger = logging.get_logger(__name__)
@@ -137,9 +138,9 @@ class HeadwiseLinear(nn.Module):
 # or the PyTorch implementations; every fallback is warned once, naming why.
 
 
-def _triton_serves(config: xLSTMConfig, t: torch.Tensor, op: str, unsupported: str | None = None) -> bool:
-    """Whether the Triton kernel of `op` runs for inputs like `t`; `unsupported` is the kernel's own reason to refuse
-    these shapes (None: it takes them)."""
+def _triton_serves(config: xLSTMConfig, t: torch.Tensor, op: str, unsupported: Callable[[], str | None]) -> bool:
+    """Whether the Triton kernel of `op` runs for inputs like `t`; `unsupported()` asks the kernel for its reason to
+    refuse these shapes (None: it takes them)."""
     if config.backend == "torch" or (config.backend == "auto" and not t.is_cuda):
         return False
     if not HAS_TRITON:
@@ -147,18 +148,11 @@ def _triton_serves(config: xLSTMConfig, t: torch.Tensor, op: str, unsupported: s
     elif not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         why = f"the kernels need a CUDA device (or TRITON_INTERPRET=1), inputs are on {t.device.type}"
     else:
-        why = None if unsupported is None else f"the {op} kernel does not take {unsupported}"
+        refused = unsupported()
+        why = None if refused is None else f"the {op} kernel does not take {refused}"
     if why is not None:
         logger.warning_once(f'xLSTM backend="{config.backend}": {why}; running the PyTorch implementation')
     return why is None
-
-
-def _mlstm_chunkwise_unsupported(q: torch.Tensor, v: torch.Tensor, chunk_size: int) -> str | None:
-    if max(q.shape[-1], v.shape[-1]) > 512:
-        return f"head dims ({q.shape[-1]}, {v.shape[-1]}) above 512"
-    if chunk_size < 16 or chunk_size & (chunk_size - 1):
-        return f"chunk_size={chunk_size} is not a power of two >= 16"
-    return None
 
 
 def mlstm_sequence(
@@ -181,7 +175,7 @@ def mlstm_sequence(
     if config.mlstm_kernel == "recurrent":
         return mlstm_recurrent(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
     chunk = config.chunk_size
-    if _triton_serves(config, q, "mLSTM chunkwise", _mlstm_chunkwise_unsupported(q, v, chunk)):
+    if _triton_serves(config, q, "mLSTM chunkwise", lambda: mlstm_chunkwise_unsupported(q, v, chunk)):
         return mlstm_chunkwise_triton(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
     return mlstm_chunkwise_torch(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
 
@@ -199,7 +193,7 @@ def mlstm_step(
     the state in place (a decoding step owns the cache's tensors), so it serves only without autograd."""
     if state is None:
         state = empty_state(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], config.mlstm_empty_max_state, q.device)
-    if not torch.is_grad_enabled() and _triton_serves(config, q, "mLSTM step"):
+    if not torch.is_grad_enabled() and _triton_serves(config, q, "mLSTM step", lambda: mlstm_step_unsupported(q, v)):
         return mlstm_step_triton(q, k, v, i, f, state, config.mlstm_eps)
     return mlstm_recurrent_step(q, k, v, i, f, state, config.mlstm_eps)
 
@@ -208,7 +202,7 @@ def slstm_sequence(
     x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
 ) -> tuple[torch.Tensor, SLSTMState]:
     """x [B, NH, S, 4 * DH] gate pre-activations; r [NH, DH, 4 * DH]; mask [B, S] -> h [B, NH, S, DH], state."""
-    if _triton_serves(config, x, "sLSTM"):
+    if _triton_serves(config, x, "sLSTM", lambda: slstm_unsupported(x, r)):
         return slstm_triton(x, r, state, mask)
     if torch.compiler.is_exporting() and isinstance(x.shape[2], torch.SymInt):
         return slstm_scan(x, r, state, mask)  # a traced length: one scan op, not a loop unrolled at one length
@@ -219,7 +213,7 @@ def slstm_step(
     x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
 ) -> tuple[torch.Tensor, SLSTMState]:
     """One token: x [B, NH, 4 * DH]; mask [B] -> h [B, NH, DH], state."""
-    if _triton_serves(config, x, "sLSTM step"):
+    if _triton_serves(config, x, "sLSTM step", lambda: slstm_unsupported(x[:, :, None], r)):
         h, state = slstm_triton(x[:, :, None], r, state, None if mask is None else mask[:, None])
         return h[:, :, 0], state
     if state is None:
