@@ -13,7 +13,7 @@
    DK 32; sLSTM, over 64 steps, 3x its test file's (bfloat16 1e-2, TF32 as float32 inputs' 5e-3, float32 1e-5).
 3. Model level: a few AdamW steps of backend="triton" against backend="torch" from the same weights (paper stack with
    an sLSTM block, and a 7B-style stack), losses and parameters after the steps; then greedy generation, tokens equal.
-4. scripts/benchmark_kernels.py at reduced repeats (S 2k and 8k).
+4. scripts/benchmark_kernels.py at reduced repeats (S 2k and 8k), and the sLSTM at column tiles 16, 32, 64.
 Writes one JSON (device, versions, every figure, pass/fail) and exits non-zero when a check failed. It needs CUDA and
 says so otherwise. About 5 minutes on an H100 (most of it Triton compiling each kernel configuration once).
 """
@@ -227,6 +227,36 @@ def check_models(records: list) -> None:
         )
 
 
+def time_slstm_tiles(repeats: int) -> list[dict]:
+    """sLSTM forward + backward at the paper shape (hidden 1024, 4 heads: DH 256, batch 8, S 2048, bfloat16) with
+    the launcher's column tile BN forced to 16, 32 and 64: the compile test picks BN 16 for TF32 dots because wider
+    tiles spill up to 72 B of loop invariants; these times say what that costs."""
+    from benchmark_kernels import time_ms
+
+    from xlstm_hf import slstm_fused
+
+    B, NH, DH, S = 8, 4, 256, 2048
+    x = torch.randn(B, NH, S, 4 * DH, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    r = (torch.randn(NH, DH, 4 * DH, device="cuda") * DH**-0.5).requires_grad_()
+    chosen = slstm_fused._launch
+    rows = []
+    for BN in (16, 32, 64):
+        slstm_fused._launch = lambda DH, dtype, backward, BN=BN: (16, BN, 8, "tf32")  # (BB, BN, warps, precision)
+
+        def fwdbwd():
+            x.grad = r.grad = None
+            slstm_fused.slstm_triton(x, r)[0].float().sum().backward()
+
+        try:
+            rows.append(dict(BN=BN, ms=time_ms(fwdbwd, repeats, cuda=True)))
+        except Exception as e:  # noqa: BLE001 (a tile that fails to compile or launch is a figure too)
+            rows.append(dict(BN=BN, error=f"{type(e).__name__}: {str(e)[:200]}"))
+        finally:
+            slstm_fused._launch = chosen
+        print(f"     slstm tiles BN={BN}: {rows[-1]}", flush=True)
+    return rows
+
+
 def run_kernel_tests() -> dict:
     files = ["tests/test_mlstm_chunk.py", "tests/test_mlstm_step.py", "tests/test_slstm_fused.py"]
     proc = subprocess.run(
@@ -276,7 +306,7 @@ def main() -> int:
         from benchmark_kernels import run_all
 
         results, skipped = run_all(cuda=True, repeats=args.repeats, quick=True)
-        bench = dict(results=results, skipped=skipped)
+        bench = dict(results=results, skipped=skipped, slstm_tiles=time_slstm_tiles(args.repeats))
     passed = all(r["passed"] for rows in sections.values() for r in rows)
     props = torch.cuda.get_device_properties(0)
     report = dict(
