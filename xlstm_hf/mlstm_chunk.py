@@ -426,6 +426,7 @@ if HAS_TRITON:
 
 MAX_HEAD_DIM = 512
 MAX_GRID_YZ = 65535
+_IEEE_MAX_CHUNK = 32  # see _launch
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,7 @@ def _launch(B: int, NH: int, S: int, DK: int, DV: int, chunk_size: int, dtype: t
     capability, sm_count = device_properties(device)
     precision = dot_precision(dtype)
     ieee = precision == "ieee"
-    BL = min(32 if ieee else chunk_size, max(16, triton.next_power_of_2(S)))
+    BL = min(_IEEE_MAX_CHUNK if ieee else chunk_size, max(16, triton.next_power_of_2(S)))
     half = dtype in (torch.bfloat16, torch.float16)
     BK = pow2_tile(DK, 64 if half and capability[0] >= 9 else 32)
     BV = pow2_tile(DV, 32 if ieee else 64)
@@ -485,8 +486,9 @@ def mlstm_chunkwise_unsupported(q: torch.Tensor, v: torch.Tensor, chunk_size: in
         return f"head dims DK={DK}, DV={DV} above {MAX_HEAD_DIM}"
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         return f"chunk_size={chunk_size} is not a power of two >= 16"
-    if triton.cdiv(S, chunk_size) > MAX_GRID_YZ:
-        return f"S={S} makes more than {MAX_GRID_YZ} chunks of {chunk_size} (a grid axis limit)"
+    BL = min(chunk_size, _IEEE_MAX_CHUNK) if dot_precision(q.dtype) == "ieee" else chunk_size
+    if triton.cdiv(S, BL) > MAX_GRID_YZ:
+        return f"S={S} makes more than {MAX_GRID_YZ} chunks of {BL} (a grid axis limit)"
     return None
 
 
