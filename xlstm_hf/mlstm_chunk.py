@@ -450,12 +450,12 @@ def _launch(B: int, NH: int, S: int, DK: int, DV: int, chunk_size: int, dtype: t
 
     - 8 warps everywhere: with 4, the [BL, BL] score block, a [BL, BV] accumulator and the dot operands of the
       intra-chunk kernels need 255 registers and spill (up to 1 KB per thread at 64 x 64 tiles on sm_80).
-    - Half-precision operands: 64 x 64 feature tiles on sm_90 and newer, BK 32 on sm_80 (whose mma.sync operands
-      stay in registers; 64 x 64 spills there). float32 in TF32: BK 32, BV 64 on both.
-    - float32 in full precision ("ieee", torch's "highest"): the dots run on FMA units, which hold a whole K-long
-      row of each operand per thread; 32 x 32 tiles and chunks of at most 32 positions compile without spills
-      (64-long chunks spill 10-30 KB per thread). The chunk length changes the summation order and where the
-      stabiliser m is taken, which enters h only through eps.
+    - Half-precision operands: 64 x 64 feature tiles on sm_90 and newer, BK 32 on sm_80 (64 x 64 spills 216 B
+      there). float32 in TF32: BK 32, BV 64 on both (64 x 64 spills 56-496 B).
+    - float32 in full precision ("ieee", torch's "highest"): the dots run on FMA units and need the most
+      registers; 32 x 32 tiles and chunks of at most 32 positions compile without spills (64-long chunks spill
+      10-30 KB per thread). The chunk length changes the summation order and where the stabiliser m is taken,
+      which enters h only through eps.
     - The chunk-state kernels run the recurrence over the NC chunks one after another, so at batch 1 their
       programs, not their tiles, are the parallelism: tiles are halved (down to 16) until the launch has at least
       two programs per SM (7B heads at batch 1 on an H100: 512 programs of 64 x 32 instead of 256 of 64 x 64).
