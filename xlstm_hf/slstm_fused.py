@@ -254,12 +254,12 @@ if HAS_TRITON:
 
 def _launch(DH: int, dtype: torch.dtype, backward: bool) -> tuple[int, int, int, str]:
     """(BB, BN, num_warps, precision), chosen from the compile figures of ``tests/test_kernel_compile.py`` at head
-    dims 48 to 256 on sm_80 and sm_90 (benchmarks/RESULTS.md): a tile of 16 sequences (the smallest tl.dot operand)
-    and BN-wide column and row tiles of the head. float32 x follows torch's matmul precision switch; bfloat16 x
-    multiplies the float32 h and r in TF32 (16-wide tiles, 8 warps: no spills; 32-wide ones spill up to 72 B per
-    thread). Full-precision float32 dots ("highest") take more registers: the forward runs 32-wide tiles with 4
-    warps (at most 8 B spilled; 16-wide with 8 warps spill 16-24 B), the backward 16-wide with 8 warps (none; 32-wide
-    with 4 warps spill 16-24 B on sm_80)."""
+    dims 48 to 256 (benchmarks/RESULTS.md): a tile of 16 sequences (the smallest tl.dot operand) and BN-wide column
+    and row tiles of the head. float32 x follows torch's matmul precision switch; bfloat16 x multiplies the float32 h
+    and r in TF32: 16-wide tiles with 8 warps, which do not spill on sm_80 and sm_90 (32-wide ones spill up to 72 B
+    per thread; sm_100's ptxas parks up to 32 B of loop invariants at either width). Full-precision float32 dots
+    ("highest"): the forward with 32-wide tiles and 4 warps (at most 8 B; 16-wide with 8 warps spill 16-24 B), the
+    backward with 16-wide tiles and 8 warps (none; 32-wide with 4 warps spill 16-24 B on sm_80)."""
     precision = dot_precision(torch.float32) if dtype == torch.float32 else "tf32"
     BN, num_warps = (32, 4) if precision == "ieee" and not backward else (16, 8)
     return 16, min(BN, max(16, triton.next_power_of_2(DH))), num_warps, precision
