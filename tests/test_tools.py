@@ -103,7 +103,7 @@ def _check_int8_weight_only(quantised: nn.Module, float_model: nn.Module, keep_f
     for name, m in quantised.named_modules():
         if isinstance(m, nn.Linear):
             assert (type(m.weight) in (nn.Parameter, torch.Tensor)) == (name in keep_float), name
-    ids = torch.randint(1, 96, (2, 19))  # 19: two chunks of 8 and a partial one
+    ids = torch.randint(1, 96, (4, 19))  # 76 rows: past any row-count threshold; 19: two chunks of 8 and a partial one
     got = logits(quantised, ids)
     torch.testing.assert_close(got, logits(dequantised_copy(quantised, float_model), ids), atol=1e-4, rtol=1e-4)
     assert_relative_rms(got, logits(float_model, ids), INT8_WEIGHT_ONLY_REL)
