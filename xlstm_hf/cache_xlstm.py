@@ -153,6 +153,16 @@ class xLSTMCache(Cache):
                 "(or start a new one)"
             )
 
+    def activate_past_recording(self, *args, **kwargs) -> None:
+        """What generate() calls before assisted or prompt-lookup decoding, to crop the cache back to the accepted
+        tokens later. A recurrent state after k candidate tokens does not give the state after fewer (the chunkwise
+        form makes none in between), so those strategies are refused (transformers < 5.25 refused stateful models
+        itself)."""
+        raise ValueError(
+            "xLSTM cannot roll its recurrent state back to fewer tokens: assisted generation and prompt lookup "
+            "decoding are not supported (use greedy, sampling or beam search)"
+        )
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""
         super().reorder_cache(beam_idx)
