@@ -12,8 +12,8 @@ import math
 
 import torch
 
-# torch.exp runs 2.7x slower than torch.exp2 on a CPU (2 threads, AMD EPYC), and up to 30x slower where its
-# result is subnormal; exp(x) is computed as exp2(x log2(e)) where a full-size tensor goes through it
+# exp(x) is computed as exp2(x log2(e)) where a full-size tensor goes through it: torch.exp is several times slower
+# than torch.exp2 on x86 CPUs, more so where its result is subnormal
 _LOG2E = math.log2(math.e)
 
 
@@ -24,9 +24,8 @@ def functorch_active() -> bool:
 
 
 def _soft_cap(x: torch.Tensor, cap: float, fresh: bool = False) -> torch.Tensor:
-    """cap * tanh(x / cap) in float32 as cap * (2 sigmoid(2 x / cap) - 1): torch.tanh costs 2.6 ms on 2M floats with
-    2 CPU threads against 0.4 ms for torch.sigmoid; the absolute error stays below 4 * cap * 2^-24. With `fresh`, a
-    float32 x is overwritten."""
+    """cap * tanh(x / cap) in float32 as cap * (2 sigmoid(2 x / cap) - 1), which CPUs compute several times faster
+    than torch.tanh; the absolute error stays below 4 * cap * 2^-24. With `fresh`, a float32 x is overwritten."""
     y = x.mul_(2.0 / cap) if fresh and x.dtype == torch.float32 else x.float() * (2.0 / cap)
     return y.sigmoid_().mul_(2.0 * cap).sub_(cap)
 
@@ -41,13 +40,12 @@ def _soft_cap_backward(dy: torch.Tensor, y: torch.Tensor, cap: float, into: torc
 
 
 def _row_blocks(x: torch.Tensor) -> list[slice]:
-    """The row blocks that the logits functions walk over x [N, V]: about 2 MB of float32 on a CPU, where a full-size
-    temporary costs the first touch of its pages and each pass over it runs at memory speed, not cache speed (the
-    loss of the CPU benchmark model took 4.9 - 5.6 ms per train step with 2 MB blocks, 5.6 - 7.0 with 512 KB and
-    6.1 - 6.5 with 4 - 8 MB: smaller blocks make more ops, each with its own fixed cost); about 256 MB on an
-    accelerator, which bounds the temporaries of a large vocabulary at a few launches more."""
+    """The row blocks that the logits functions walk over x [N, V]: about 2 MB of float32 on a CPU, which stay in
+    cache between the passes over a block; about 64 MB on an accelerator, which bounds the float32 temporaries of a
+    large vocabulary (at the 7B shape, 256 MB blocks raised the training step's peak by ~0.9 GB,
+    scripts/memory_gpu_estimate.py)."""
     N, V = x.shape
-    rows = max(16, (1 << 19) // V) if x.device.type == "cpu" else max(1, (1 << 26) // V)
+    rows = max(16, (1 << 19) // V) if x.device.type == "cpu" else max(1, (1 << 24) // V)
     return [slice(start, start + rows) for start in range(0, N, rows)]
 
 

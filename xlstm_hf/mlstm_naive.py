@@ -35,8 +35,7 @@ _MIN_M_FOR_FLOOR = -80.0
 
 def log_sigmoid(x: torch.Tensor) -> torch.Tensor:
     """logsigmoid(x) as -softplus(-x): the same values, but F.logsigmoid enters a parallel region even for a few
-    elements and costs ~300 us per call with 2 CPU threads (milliseconds on a loaded machine) against ~10 us here,
-    which dominated the per-token cost of the recurrent forms."""
+    elements on CPU, whose cost dominated the per-token cost of the recurrent forms."""
     return -F.softplus(-x)
 
 

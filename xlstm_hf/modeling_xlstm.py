@@ -753,7 +753,7 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         """The inputs of one generate() step: the new tokens (or the prompt's embeddings at the first step), the
         cache, and the attention mask of the new tokens only (the state carries the rest; an all-ones mask is
         dropped), no position ids. Written out rather than built on GenerationMixin's, which inspects the forward
-        signature of remote-code models at every step (about 0.1 ms per token on CPU)."""
+        signature of remote-code models at every step."""
         if inputs_embeds is not None and is_first_iteration:
             embeds = inputs_embeds if next_sequence_length is None else inputs_embeds[:, -next_sequence_length:]
             inputs: dict[str, Any] = {"input_ids": None, "inputs_embeds": embeds.contiguous()}
