@@ -23,6 +23,27 @@ import pytest
 import transformers.utils.hub
 from hub_server import HubServer
 
+# The start of a child script run with `python -I` and a cwd outside the repository, where xlstm_hf cannot be
+# imported however it is installed (editable finder, site-packages, a path entry): a finder placed first answers every
+# `xlstm_hf` import with ModuleNotFoundError, as on a machine without the package.
+WITHOUT_THE_PACKAGE = r"""
+import json, sys
+
+class NotInstalled:
+    def find_spec(self, name, path=None, target=None):
+        if name == "xlstm_hf" or name.startswith("xlstm_hf."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NotInstalled())
+try:
+    import xlstm_hf
+except ImportError:
+    pass
+else:
+    sys.exit(f"xlstm_hf is importable from {xlstm_hf.__file__}")
+"""
+
 TOKEN = "hf_local_test_token"
 
 

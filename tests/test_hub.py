@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_fixtures import WITHOUT_THE_PACKAGE
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError
@@ -174,25 +175,10 @@ def test_uploaded_code_is_exactly_the_package_modeling_files(pushed, module_loca
         assert imports <= {"torch", "transformers", "safetensors"}, f"{name} needs {imports}"
 
 
-# Run in a child (python -I, cwd outside the repository) where xlstm_hf cannot be imported however it is installed
-# (editable finder, site-packages, a path entry): a finder placed first answers every `xlstm_hf` import with
-# ModuleNotFoundError, as on a machine without the package.
-CHILD = r"""
-import json, sys
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name == "xlstm_hf" or name.startswith("xlstm_hf."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
-try:
-    import xlstm_hf
-except ImportError:
-    pass
-else:
-    sys.exit(f"xlstm_hf is importable from {xlstm_hf.__file__}")
+# Run in a child that cannot import xlstm_hf (hub_fixtures.WITHOUT_THE_PACKAGE).
+CHILD = (
+    WITHOUT_THE_PACKAGE
+    + r"""
 
 import torch
 from safetensors.torch import save_file
@@ -213,6 +199,7 @@ print(json.dumps({
     "xlstm_hf_modules": sorted(m for m in sys.modules if m.split(".")[0] == "xlstm_hf"),
 }))
 """
+)
 
 
 @pytest.fixture(scope="module")

@@ -11,29 +11,16 @@ import sys
 
 import pytest
 from conftest import randomize_, tiny_config
+from hub_fixtures import WITHOUT_THE_PACKAGE
 
 import xlstm_hf
 
 pytest.importorskip("peft")
 
-# The child: a finder placed first answers every `xlstm_hf` import with ModuleNotFoundError, as on a machine without
-# the package (as in tests/test_hub.py); it runs with `python -I` and a cwd outside the repository.
-CHILD = r"""
-import json, sys
-
-class NotInstalled:
-    def find_spec(self, name, path=None, target=None):
-        if name == "xlstm_hf" or name.startswith("xlstm_hf."):
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        return None
-
-sys.meta_path.insert(0, NotInstalled())
-try:
-    import xlstm_hf
-except ImportError:
-    pass
-else:
-    sys.exit(f"xlstm_hf is importable from {xlstm_hf.__file__}")
+# The child cannot import xlstm_hf (hub_fixtures.WITHOUT_THE_PACKAGE).
+CHILD = (
+    WITHOUT_THE_PACKAGE
+    + r"""
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -63,6 +50,7 @@ print(json.dumps({
     "xlstm_hf_modules": sorted(m for m in sys.modules if m.split(".")[0] == "xlstm_hf"),
 }))
 """
+)
 
 EXPECTED_TARGETS = {"paper": {"proj_up", "proj_up_gate", "proj_down"}, "7b": {"q", "k", "v", "out_proj", "proj_up"}}
 
