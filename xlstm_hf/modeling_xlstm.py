@@ -68,8 +68,8 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # torch's norms keep float32 statistics for lower-precision inputs: no float32 copy of x is made (or saved
-        # for backward: 0.2 GB per 7B block at 4k tokens, scripts/memory_gpu_estimate.py)
+        # torch's norms keep float32 statistics for lower-precision inputs: no float32 copy of x is made and saved
+        # for backward (layer_norm on every device; rms_norm where torch fuses it, as on CUDA)
         return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
 
 
