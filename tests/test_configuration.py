@@ -68,3 +68,14 @@ def test_7b_rejects_slstm_and_bad_head_split():
         xLSTMConfig(architecture="7b", hidden_size=64, num_heads=4, num_hidden_layers=2, slstm_at=[0])
     with pytest.raises(ValueError, match="num_heads"):
         xLSTMConfig(architecture="7b", hidden_size=64, num_heads=5, num_hidden_layers=2)
+
+
+def test_removed_compile_decode_is_refused_when_asked_for_and_ignored_when_saved_off():
+    """compile_decode went to generate()'s compile_config: True must not be silently ignored; a config.json saved with
+    the old default (False) still loads, without the field."""
+    with pytest.raises(ValueError, match="compile_decode.*compile_config"):
+        xlstm_hf.xLSTMConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_heads=2, compile_decode=True)
+    old = xlstm_hf.xLSTMConfig.from_dict(
+        {"vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 2, "num_heads": 2, "compile_decode": False}
+    )
+    assert not hasattr(old, "compile_decode") and "compile_decode" not in old.to_dict()

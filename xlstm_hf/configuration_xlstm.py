@@ -117,6 +117,12 @@ class xLSTMConfig(PreTrainedConfig):
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        # Removed in favour of generate()'s compile_config; a saved `false` still loads, a request for it is refused
+        if kwargs.pop("compile_decode", False):
+            raise ValueError(
+                "xLSTMConfig.compile_decode=True: the field was removed; compile the decoding step with "
+                "model.generate(..., compile_config=transformers.CompileConfig(...)) (README, 'Generation')"
+            )
         if self.slstm_at is None:
             self.slstm_at = []
         if self.norm_eps is None:
