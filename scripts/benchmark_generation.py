@@ -5,7 +5,9 @@ after a 64-token prompt at batch 1 and 8, for xlstm_hf eager, xlstm_hf with gene
 decoding step through torch.compile, compiled in the warm-up call, whose time is printed) and transformers; then
 xlstm_hf alone at 256 and 4096 new tokens (batch 1) to show that tokens/s stay flat, and the median step time over
 the first and the last 256 tokens of one 4096-token call (free of the drift between separate runs on a shared
-machine), with the peak memory of the 4096-token run. Writes benchmarks/generation.json and .png.
+machine), with the peak memory of the 4096-token run. Writes benchmarks/generation.json and .png. On a CUDA machine it
+first runs the xLSTM-7B shape in bfloat16 at batch 1, eager and compiled, against the HBM bound (bytes of weights and
+state read per token / the device's bandwidth), into benchmarks/generation_cuda.json.
 
     python scripts/benchmark_generation.py [--repeats 5]
 """
@@ -88,11 +90,69 @@ def step_times(model, new_tokens: int, window: int) -> list[float]:
     return [statistics.median(steps[lo : lo + window]) for lo in range(0, len(steps), window)]
 
 
+def hbm_bandwidth_gbs(device: torch.device) -> float | None:
+    """Peak memory bandwidth of a CUDA device from its clock and bus width (double data rate), or None where torch does
+    not report them."""
+    props = torch.cuda.get_device_properties(device)
+    clock_khz, bus_bits = getattr(props, "memory_clock_rate", None), getattr(props, "memory_bus_width", None)
+    return None if not clock_khz or not bus_bits else 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9
+
+
+def decode_against_hbm(model, bandwidth_gbs: float | None, new_tokens: int = 256) -> dict:
+    """Batch-1 greedy decoding of `model` (on its device) eager and through generate()'s compiled step (which
+    transformers turns on by itself on CUDA), against the HBM bound: every decoding step reads the weights and the
+    recurrent state at least once, so tokens/s <= bandwidth / (weight bytes + state bytes)."""
+    device = next(model.parameters()).device
+    prompt = torch.randint(0, model.config.vocab_size, (1, 64), device=device)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    out = {}
+    for name, extra in (("eager", {"disable_compile": True}), ("compiled", {"compile_config": compile_config()})):
+        model.generate(prompt, **kwargs, **extra)  # warm-up (compiles the step)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = model.generate(prompt, **kwargs, **extra, return_dict_in_generate=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[name] = new_tokens / (time.perf_counter() - start)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out["bytes_per_token"] = weight_bytes + result.cache.nbytes
+    if bandwidth_gbs:
+        out["hbm_bound_tokens_per_s"] = bandwidth_gbs * 1e9 / out["bytes_per_token"]
+    return out
+
+
+def cuda_7b(bandwidth_gbs: float | None) -> dict:
+    """The xLSTM-7B shape in bfloat16 on the current CUDA device (random weights: speed does not depend on them)."""
+    config = xlstm_hf.xLSTMConfig(
+        architecture="7b", vocab_size=50304, hidden_size=4096, num_hidden_layers=32, num_heads=8, pad_token_id=0
+    )
+    with torch.device("cuda"):
+        model = xlstm_hf.xLSTMForCausalLM(config).to(torch.bfloat16).eval()
+    bandwidth_gbs = bandwidth_gbs or hbm_bandwidth_gbs(torch.device("cuda"))
+    return {
+        "device": torch.cuda.get_device_name(),
+        "bandwidth_gbs": bandwidth_gbs,
+        **decode_against_hbm(model, bandwidth_gbs),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "generation.json")
+    parser.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth, if torch does not report it")
     args = parser.parse_args()
+    if torch.cuda.is_available():
+        r = cuda_7b(args.bandwidth_gbs)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name("generation_cuda.json").write_text(json.dumps(r, indent=2))
+        bound = r.get("hbm_bound_tokens_per_s")
+        print(
+            f"{r['device']}, xLSTM-7B bf16, batch 1: eager {r['eager']:.1f} tok/s, compiled {r['compiled']:.1f} tok/s"
+            + (f", HBM bound {bound:.1f} tok/s ({r['compiled'] / bound:.0%} of it)" if bound else "")
+            + f"; {r['bytes_per_token'] / 1e9:.2f} GB read per token (published with CUDA graphs: 157 tok/s)"
+        )
     torch.manual_seed(0)
     from transformers.models.xlstm import xLSTMConfig, xLSTMForCausalLM
 
