@@ -37,20 +37,18 @@ class xLSTMCacheLayer(LinearAttentionLayer):
         *recurrent, conv = state
         tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in state)
         for j, t in enumerate(recurrent):
-            t = t.to(state_dtype)
-            if tracked or not self.is_recurrent_states_initialized[j]:
-                self._assign(self.recurrent_states, self.is_recurrent_states_initialized, j, t, static=not tracked)
-            else:
-                self.recurrent_states[j].copy_(t)
+            self._write(self.recurrent_states, self.is_recurrent_states_initialized, j, t.to(state_dtype), tracked)
             self.has_previous_state[j] = True
         if conv is not None:
-            if tracked or not self.is_conv_states_initialized[0]:
-                self._assign(self.conv_states, self.is_conv_states_initialized, 0, conv, static=not tracked)
-            else:
-                self.conv_states[0].copy_(conv)
+            self._write(self.conv_states, self.is_conv_states_initialized, 0, conv, tracked)
 
-    def _assign(self, states: dict, initialized: dict, j: int, t: torch.Tensor, static: bool) -> None:
-        if static:  # a buffer of its own, at a fixed address
+    def _write(self, states: dict, initialized: dict, j: int, t: torch.Tensor, tracked: bool) -> None:
+        """Into the buffer in place once it exists; a new buffer of its own, at a fixed address, the first time; the
+        tensor itself when it carries autograd history."""
+        if initialized[j] and not tracked:
+            states[j].copy_(t)
+            return
+        if not tracked:
             t = t.detach().clone(memory_format=torch.contiguous_format)
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(t)
@@ -172,7 +170,6 @@ class xLSTMCache(Cache):
         """Detach the states from the graph in place (truncated back-propagation through time)."""
         for layer in self.layers:
             layer.detach()
-        self.seen_tokens = self.seen_tokens.detach()
         return self
 
     def reset(self) -> None:
