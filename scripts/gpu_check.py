@@ -35,6 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from kernel_testing import matmul_precision  # noqa: E402  (the kernel tests' helper)
 
 TOL = {"bf16": 8e-2, "tf32": 5e-3, "fp32": 1e-4}
 SLSTM_TOL = {"bf16": 3e-2, "tf32": 1.5e-2, "fp32": 3e-5}
@@ -76,18 +79,6 @@ def with_grads(fn, leaves: list[torch.Tensor], seed: int = 1) -> dict:
     result = {f"out{k}": t.detach() for k, t in enumerate(outs)}
     result.update({f"d{k}": t.grad for k, t in enumerate(leaves)})
     return result
-
-
-class matmul_precision:
-    def __init__(self, precision: str):
-        self.precision = precision
-
-    def __enter__(self):
-        self.saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(self.precision)
-
-    def __exit__(self, *exc):
-        torch.set_float32_matmul_precision(self.saved)
 
 
 def check_mlstm_chunk(records: list) -> None:

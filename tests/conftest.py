@@ -24,3 +24,14 @@ def randomize_(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * scale)
     return model
+
+
+def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths as one left-padded batch [B, longest] (pad id 0) and its attention mask."""
+    width = max(len(p) for p in prompts)
+    batch = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    for row, p in enumerate(prompts):
+        batch[row, width - len(p) :] = p
+        mask[row, width - len(p) :] = 1
+    return batch, mask

@@ -12,9 +12,11 @@ that launches Triton kernels, which on a machine without CUDA cannot run otherwi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
@@ -35,6 +37,18 @@ def load_kernels(name: str) -> ModuleType:
             if f"xlstm_hf.{other}" in sys.modules:
                 importlib.reload(sys.modules[f"xlstm_hf.{other}"])
     return module
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(precision) inside the block (float32 kernels follow it: "highest" -> ieee
+    dots, "high" / "medium" -> tf32), the previous setting after it."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

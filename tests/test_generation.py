@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import left_padded, randomize_, tiny_config
 from transformers import PreTrainedTokenizerFast, TextStreamer
 
 import xlstm_hf
@@ -40,12 +40,8 @@ def tokenizer() -> PreTrainedTokenizerFast:
 def test_batched_left_padding_equals_single(family):
     model = make(family)
     prompts = [torch.randint(1, 96, (n,)) for n in (11, 3, 7, 1)]
-    width = max(len(p) for p in prompts)
-    batch = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, p in enumerate(prompts):
-        batch[row, width - len(p) :] = p
-        mask[row, width - len(p) :] = 1
+    batch, mask = left_padded(prompts)
+    width = batch.shape[1]
     out = model.generate(batch, attention_mask=mask, max_new_tokens=12, do_sample=False)
     for row, p in enumerate(prompts):
         alone = model.generate(p[None], max_new_tokens=12, do_sample=False)

@@ -42,6 +42,7 @@ try:  # triton's own launch-time specialisation (3.9; older releases name it dif
     from triton._C.libtriton import native_specialize_impl
 except ImportError:
     pytest.skip(f"triton {triton.__version__} has no native_specialize_impl", allow_module_level=True)
+from kernel_testing import matmul_precision  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend, get_ptxas, sm_arch_from_capability  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -246,7 +247,7 @@ def mlstm_chunk_run(config: str, dtype: str, B: int, S: int):
         v = _meta(B, NH, S, DV, dtype=torch_dtype, grad=True)
         i, f = _meta(B, NH, S, grad=True), _meta(B, NH, S, grad=True)
         state = (_meta(B, NH, DK, DV, grad=True), _meta(B, NH, DK, grad=True), _meta(B, NH, grad=True))
-        with _matmul_precision(precision):
+        with matmul_precision(precision):
             h, (C, n, m) = modules["mlstm_chunk"].mlstm_chunkwise_triton(q, k, v, i, f, state, chunk_size=chunk)
             (h.float().sum() + C.sum() + n.sum() + m.sum()).backward()
 
@@ -261,7 +262,7 @@ def mlstm_step_run(config: str, dtype: str, B: int):
         q, k = _meta(B, NH, DK, dtype=torch_dtype), _meta(B, NH, DK, dtype=torch_dtype)
         v = _meta(B, NH, DV, dtype=torch_dtype)
         state = (_meta(B, NH, DK, DV), _meta(B, NH, DK), _meta(B, NH))
-        with _matmul_precision(precision), torch.no_grad():
+        with matmul_precision(precision), torch.no_grad():
             modules["mlstm_step"].mlstm_step_triton(q, k, v, _meta(B, NH), _meta(B, NH), state)
 
     return run
@@ -273,23 +274,11 @@ def slstm_run(NH: int, DH: int, dtype: str, B: int, S: int):
     def run(modules):
         x = _meta(B, NH, S, 4 * DH, dtype=torch_dtype, grad=True)
         r = _meta(NH, DH, 4 * DH, dtype=torch_dtype, grad=True)
-        with _matmul_precision(precision):
+        with matmul_precision(precision):
             y, final = modules["slstm_fused"].slstm_triton(x, r)
             (y.float().sum() + sum(t.sum() for t in final)).backward()
 
     return run
-
-
-class _matmul_precision:
-    def __init__(self, precision: str):
-        self.precision = precision
-
-    def __enter__(self):
-        self.saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(self.precision)
-
-    def __exit__(self, *exc):
-        torch.set_float32_matmul_precision(self.saved)
 
 
 def _slstm_heads(config: str, num_heads: int) -> tuple[int, int]:

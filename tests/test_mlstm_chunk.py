@@ -15,7 +15,7 @@ Tolerances are relative L2 errors ``||kernel - reference|| / ||reference||``:
 
 import pytest
 import torch
-from kernel_testing import DEVICE, assert_rel_close, load_kernels
+from kernel_testing import DEVICE, assert_rel_close, load_kernels, matmul_precision
 
 from xlstm_hf.mlstm_naive import mlstm_chunkwise
 
@@ -147,10 +147,8 @@ def test_chunk_matches_naive_default_chunk():
 
 @pytest.fixture
 def tf32_matmuls():
-    saved = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    yield
-    torch.set_float32_matmul_precision(saved)
+    with matmul_precision("high"):
+        yield
 
 
 def test_chunk_fp32_follows_torch_matmul_precision(tf32_matmuls):

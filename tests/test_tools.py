@@ -19,7 +19,7 @@ Tolerances, float32 logits unless said:
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import left_padded, randomize_, tiny_config
 from torch import nn
 
 import xlstm_hf
@@ -52,16 +52,6 @@ def assert_relative_rms(actual: torch.Tensor, expected: torch.Tensor, bound: flo
     error, so the reference is centred)."""
     err = ((actual - expected).norm() / (expected - expected.mean(-1, keepdim=True)).norm()).item()
     assert err <= bound, f"relative RMS error {err:.3g} > {bound}"
-
-
-def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    batch = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(batch)
-    for row, p in enumerate(prompts):
-        batch[row, width - len(p) :] = p
-        mask[row, width - len(p) :] = 1
-    return batch, mask
 
 
 def assert_padded_batch_generates_each_row_alone(model: nn.Module, new_tokens: int = 8):
