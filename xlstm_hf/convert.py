@@ -221,9 +221,10 @@ def state_dict_from_xlstm_package(model: Any, config: xLSTMConfig) -> dict[str, 
 
 def convert_from_xlstm_package(model: Any) -> xLSTMForCausalLM:
     """An ``xlstm.xLSTMLMModel`` in, an ``xLSTMForCausalLM`` with the same logits (float32) out."""
+    from .modeling_xlstm import xLSTMForCausalLM  # here: the modeling file imports this one
+
     config = config_from_xlstm_package(model.config)
     state = state_dict_from_xlstm_package(model, config)
-    from .modeling_xlstm import xLSTMForCausalLM
 
     ours = xLSTMForCausalLM(config)
     missing, unexpected = ours.load_state_dict(state, strict=False)
@@ -238,7 +239,7 @@ def convert_from_xlstm_package(model: Any) -> xLSTMForCausalLM:
 def convert_transformers_xlstm(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> xLSTMForCausalLM:
     """A checkpoint of transformers' built-in xLSTM (a local directory or a Hub repo id) as an xLSTMForCausalLM;
     saved to ``out`` with ``save_pretrained`` when given."""
-    from .modeling_xlstm import xLSTMForCausalLM
+    from .modeling_xlstm import xLSTMForCausalLM  # here: the modeling file imports this one
 
     model = xLSTMForCausalLM.from_pretrained(path, **kwargs)
     if out is not None:
