@@ -1,6 +1,7 @@
-"""The one dispatch point: `backend` picks the Triton kernels or the PyTorch reference, with the same results.
+"""The model's `backend` (a load-time option) picks the Triton kernels or the PyTorch implementation in
+`recurrent_ops`, with the same results.
 
-Without CUDA the Triton kernels run under the CPU interpreter (see kernel_testing.py); the model imported the
+Without CUDA the Triton kernels run under the CPU interpreter (see kernel_testing.py); `recurrent_ops` imported the
 kernel functions before the interpreter was switched on, so the tests hand it the interpreted ones.
 Tolerances: float32 kernel vs float32 reference, relative ~1e-5 on logits after summation-order differences.
 """
@@ -13,7 +14,7 @@ from conftest import randomize_, tiny_config
 from kernel_testing import DEVICE, load_kernels
 
 import xlstm_hf
-from xlstm_hf import modeling_xlstm
+from xlstm_hf import recurrent_ops
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -23,9 +24,9 @@ def triton_kernels(monkeypatch):
     chunk, step, slstm = load_kernels("mlstm_chunk"), load_kernels("mlstm_step"), load_kernels("slstm_fused")
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(modeling_xlstm, "mlstm_chunkwise_triton", chunk.mlstm_chunkwise_triton)
-    monkeypatch.setattr(modeling_xlstm, "mlstm_step_triton", step.mlstm_step_triton)
-    monkeypatch.setattr(modeling_xlstm, "slstm_triton", slstm.slstm_triton)
+    monkeypatch.setattr(recurrent_ops, "mlstm_chunkwise_triton", chunk.mlstm_chunkwise_triton)
+    monkeypatch.setattr(recurrent_ops, "mlstm_step_triton", step.mlstm_step_triton)
+    monkeypatch.setattr(recurrent_ops, "slstm_triton", slstm.slstm_triton)
 
 
 def pair(architecture: str):
@@ -33,7 +34,7 @@ def pair(architecture: str):
     paper stack has an sLSTM block in the middle."""
     config = tiny_config(architecture, chunk_size=16, pad_token_id=0)
     ref = randomize_(xlstm_hf.xLSTMForCausalLM(config), 0.1).to(DEVICE)
-    fast = xlstm_hf.xLSTMForCausalLM(tiny_config(architecture, chunk_size=16, backend="triton"))
+    fast = xlstm_hf.xLSTMForCausalLM(tiny_config(architecture, chunk_size=16), backend="triton")
     fast.load_state_dict(ref.state_dict())
     return ref, fast.to(DEVICE)
 
@@ -72,21 +73,22 @@ def test_auto_runs_the_reference_on_cpu_and_triton_without_a_device_warns_once(m
     ids = torch.randint(0, 97, (1, 10))
     expected = ref(ids).logits
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    modeling_xlstm.logger.warning_once.cache_clear()  # transformers' once-per-process warning
-    model = xlstm_hf.xLSTMForCausalLM(tiny_config(backend="triton")).eval()
+    recurrent_ops.logger.warning_once.cache_clear()  # transformers' once-per-process warning
+    model = xlstm_hf.xLSTMForCausalLM(tiny_config(), backend="triton").eval()
     model.load_state_dict(ref.state_dict())
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
-    warnings = [r for r in caplog.records if "need a CUDA device" in r.getMessage()]
-    assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
+    warnings = [r.getMessage() for r in caplog.records if r.name == recurrent_ops.logger.name]
+    # once for each op that fell back (the mLSTM and sLSTM sequence ops), naming the backend and the device
+    assert len(warnings) == 2 and all('"triton"' in w and "cpu" in w for w in warnings), warnings
 
 
 def test_model_trained_with_kernels_loads_on_cpu_with_the_reference(tmp_path, triton_kernels):
     """Trained a few steps with the Triton kernels (backend="triton"), saved, and loaded as a plain checkpoint
     (backend "auto": the PyTorch implementation without CUDA): the loaded model gives the kernel model's logits."""
-    config = tiny_config("paper", chunk_size=16, backend="triton")
-    model = randomize_(xlstm_hf.xLSTMForCausalLM(config), 0.1).to(DEVICE)
+    config = tiny_config("paper", chunk_size=16)
+    model = randomize_(xlstm_hf.xLSTMForCausalLM(config, backend="triton"), 0.1).to(DEVICE)
     ids = torch.randint(1, 97, (2, 21), device=DEVICE)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(2):
@@ -94,8 +96,9 @@ def test_model_trained_with_kernels_loads_on_cpu_with_the_reference(tmp_path, tr
         model(ids, labels=ids).loss.backward()
         opt.step()
     model.save_pretrained(tmp_path)
-    loaded = xlstm_hf.xLSTMForCausalLM.from_pretrained(tmp_path, backend="auto").to(DEVICE).eval()
-    assert loaded.config.backend == "auto"
+    assert "backend" not in (tmp_path / "config.json").read_text()  # a run-time choice, not a fact of the weights
+    loaded = xlstm_hf.xLSTMForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
+    assert loaded.backend == "auto"
     with torch.no_grad():
         kernel_logits = model.eval()(ids).logits
         torch.testing.assert_close(loaded(ids).logits, kernel_logits, **TOL)
@@ -105,12 +108,12 @@ def test_a_shape_the_kernel_refuses_runs_the_reference_and_says_why(triton_kerne
     """The dispatch asks the kernel (`mlstm_chunkwise_unsupported`): chunk_size 8 is below the kernel's smallest tile,
     so the chunkwise op runs the PyTorch implementation, warns once naming the reason, and gives its logits."""
     ref = randomize_(xlstm_hf.xLSTMForCausalLM(tiny_config("7b", chunk_size=8))).to(DEVICE).eval()
-    fast = xlstm_hf.xLSTMForCausalLM(tiny_config("7b", chunk_size=8, backend="triton")).to(DEVICE).eval()
+    fast = xlstm_hf.xLSTMForCausalLM(tiny_config("7b", chunk_size=8), backend="triton").to(DEVICE).eval()
     fast.load_state_dict(ref.state_dict())
-    modeling_xlstm.logger.warning_once.cache_clear()
+    recurrent_ops.logger.warning_once.cache_clear()
     ids = torch.randint(1, 97, (1, 19), device=DEVICE)
     with caplog.at_level(logging.WARNING), torch.no_grad():
         for _ in range(2):
             torch.testing.assert_close(fast(ids).logits, ref(ids).logits, atol=0, rtol=0)
-    reasons = [r.getMessage() for r in caplog.records if "chunk_size=8" in r.getMessage()]
-    assert len(reasons) == 1 and "mLSTM chunkwise" in reasons[0], [r.getMessage() for r in caplog.records]
+    reasons = [r.getMessage() for r in caplog.records if r.name == recurrent_ops.logger.name]
+    assert len(reasons) == 1 and "chunk_size=8" in reasons[0], reasons

@@ -42,8 +42,6 @@ def test_roundtrip(tmp_path):
         ("slstm_at", [-1]),
         ("slstm_at", [1, 1]),
         ("slstm_num_heads", 3),
-        ("backend", "cuda_magic"),
-        ("mlstm_kernel", "quadratic"),
         ("architecture", "transformer"),
         ("chunk_size", 0),
         ("dropout", 1.5),

@@ -6,7 +6,7 @@ import torch
 
 from .cache_xlstm import xLSTMCache
 from .configuration_xlstm import xLSTMConfig
-from .fused_ops import functorch_active
+from .recurrent_ops import functorch_active
 
 
 def out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = None) -> int | None:
@@ -20,7 +20,7 @@ def out_of_vocabulary(ids: torch.Tensor, vocab_size: int, ignored: int | None = 
     return ids[bad][0].item() if bool(bad.any()) else None
 
 
-def check_inputs(
+def check_model_inputs(
     config: xLSTMConfig,
     input_ids: torch.LongTensor | None,
     inputs_embeds: torch.Tensor | None,

@@ -17,12 +17,6 @@ import torch
 _LOG2E = math.log2(math.e)
 
 
-def functorch_active() -> bool:
-    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running. The autograd functions of this package
-    define no setup_context, which those transforms need, so the model then runs the plain autograd formulas."""
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
-
-
 def _soft_cap(x: torch.Tensor, cap: float, fresh: bool = False) -> torch.Tensor:
     """cap * tanh(x / cap) in float32 as cap * (2 sigmoid(2 x / cap) - 1), which CPUs compute several times faster
     than torch.tanh; the absolute error stays below 4 * cap * 2^-24. With `fresh`, a float32 x is overwritten."""

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .mlstm_grads import gate_grads, normaliser_grads
-from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, check_inputs
+from .mlstm_naive import _MIN_M_FOR_FLOOR, MASKED_IGATE, MLSTMState, _initial_state, check_mlstm_inputs
 from .triton_utils import (
     HAS_TRITON,
     device_properties,
@@ -646,7 +646,7 @@ def mlstm_chunkwise_triton(
     the forward and recomputes them in the backward.
     """
     require_triton("the Triton mLSTM kernels")
-    check_inputs(q, k, v, i, f)
+    check_mlstm_inputs(q, k, v, i, f)
     reason = mlstm_chunkwise_unsupported(q, v, chunk_size)
     if reason is not None:
         raise ValueError(f"mlstm_chunkwise_triton: q {tuple(q.shape)}, v {tuple(v.shape)}: {reason}")

@@ -23,29 +23,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .fused_ops import _LOG2E, functorch_active
 from .mlstm_grads import gate_grads, normaliser_grads
 from .mlstm_naive import (
     _MIN_M_FOR_FLOOR,
     MASKED_IGATE,
     MLSTMState,
     _initial_state,
-    check_inputs,
+    _segment_decay,
+    check_mlstm_inputs,
     log_sigmoid,
-    mlstm_chunkwise,
 )
 
-
-def _forward_segments(g: torch.Tensor) -> torch.Tensor:
-    """g [.., NC] -> [.., NC + 1, NC]: entry (c, c') = g[c' + 1] + ... + g[c - 1] for c' < c, -inf elsewhere (the
-    log decay from the end of chunk c' to the start of chunk c). Summed per entry, not as a difference of cumsums,
-    which would lose precision over long sequences."""
-    NC = g.shape[-1]
-    rows = torch.arange(NC, device=g.device)
-    cs = (g[..., :, None] * (rows[:, None] > rows[None, :])).cumsum(-2)  # [.., NC, NC] (r, c') = g[c'+1..r]
-    seg = F.pad(cs, (0, 0, 1, 0))
-    valid = rows[None, :] < torch.arange(NC + 1, device=g.device)[:, None]  # [NC + 1, NC]: c' < c
-    return seg.masked_fill(~valid, float("-inf"))
+# exp(x) is computed as exp2(x log2(e)) on full-size tensors: torch.exp is several times slower than torch.exp2 on
+# x86 CPUs, more so where its result is subnormal
+_LOG2E = math.log2(math.e)
 
 
 def _backward_segments(g: torch.Tensor) -> torch.Tensor:
@@ -85,7 +76,7 @@ def _chunk_fwd(
     k_w = k * (a - a_max[..., None]).exp_()[..., None]  # [B, NH, NC, L, DK]
     kv = k_w.transpose(-1, -2) @ v  # [B, NH, NC, DK, DV]
     k_sum = k_w.sum(-2)  # [B, NH, NC, DK]
-    log_w = a_max[..., None, :] + _forward_segments(g)  # [B, NH, NC + 1, NC]
+    log_w = a_max[..., None, :] + _segment_decay(g)  # [B, NH, NC + 1, NC]
     log_w0 = m0[..., None] + F.pad(g.cumsum(-1), (1, 0))  # [B, NH, NC + 1]
     m_all = torch.maximum(log_w.amax(-1), log_w0)  # [B, NH, NC + 1]
     m_ref = torch.where(torch.isinf(m_all), torch.zeros_like(m_all), m_all)  # an empty memory stays 0, not nan
@@ -296,13 +287,11 @@ def mlstm_chunkwise_torch(
 ) -> tuple[torch.Tensor, MLSTMState]:
     """Chunkwise mLSTM: h [B, NH, S, DV] in q's dtype and the final float32 state; differentiable in q, k, v, i, f
     and the initial C, n, m. Arguments as ``mlstm_naive.mlstm_chunkwise``."""
-    check_inputs(q, k, v, i, f)
+    check_mlstm_inputs(q, k, v, i, f)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     DK = q.shape[-1]
     scale = DK**-0.5 if scale is None else scale
-    if functorch_active():  # the autograd reference (see `fused_ops.functorch_active`)
-        return mlstm_chunkwise(q, k, v, i, f, initial_state, chunk_size, eps, scale, empty_m)
     C0, n0, m0 = _initial_state(initial_state, q, v, empty_m)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, i, f, C0, n0, m0)):
         h, C, n, m = ChunkMLSTMTorchFunction.apply(q, k, v, i, f, C0, n0, m0, chunk_size, eps, scale)

@@ -25,9 +25,11 @@ import torch.nn.functional as F
 
 MLSTMState = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
-# Input-gate pre-activation of a position that must not touch the memory (padding); finite so that a run of such
-# positions never produces inf - inf.
+# Gate pre-activations of a position that must not touch the memory (padding): the input gate keeps it from being
+# written (finite, so that a run of such positions never produces inf - inf), the forget gate from decaying it
+# (logsigmoid(1e4) == 0.0 in float32).
 MASKED_IGATE = -1.0e4
+MASKED_FGATE = 1.0e4
 # exp(-m) is evaluated at m >= -80 so that it stays finite (exp(88.7) overflows float32) for padded rows whose m is
 # MASKED_IGATE or -inf; real rows reach m < -80 only with input gates below -80, where h is 0 at float32 precision.
 _MIN_M_FOR_FLOOR = -80.0
@@ -49,7 +51,7 @@ def empty_state(
     return C, n, m
 
 
-def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor) -> None:
+def check_mlstm_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: torch.Tensor, f: torch.Tensor) -> None:
     """Raises ValueError unless q, k [B, NH, S, DK], v [B, NH, S, DV], i, f [B, NH, S] with S >= 1."""
     B, NH, S, _ = q.shape
     if k.shape != q.shape or v.shape[:3] != q.shape[:3] or i.shape != (B, NH, S) or f.shape != (B, NH, S):
