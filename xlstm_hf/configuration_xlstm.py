@@ -14,10 +14,11 @@ import math
 from typing import Any
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 ARCHITECTURES = ("paper", "7b")
-BACKENDS = ("auto", "triton", "torch")
-MLSTM_KERNELS = ("chunkwise", "parallel", "recurrent")
 FFN_ACTIVATIONS = ("gelu", "silu", "relu")
 SLSTM_BIAS_INITS = ("powerlaw_blockdependent", "small_init", "zeros")
 
@@ -40,10 +41,7 @@ class xLSTMConfig(PreTrainedConfig):
         norm_eps: epsilon of every norm. Defaults to 1e-5 (``"paper"``, LayerNorm) or 1e-6 (``"7b"``).
         add_out_norm: a norm after the last block.
         dropout: dropout after every layer output (0 disables it).
-        chunk_size: chunk length of the chunkwise mLSTM kernel (training and prefill).
-        mlstm_kernel: ``"chunkwise"`` (default, linear in length), ``"parallel"`` (quadratic) or ``"recurrent"``
-            (step by step) form of the mLSTM for full sequences.
-        backend: ``"auto"`` (Triton kernels on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+        chunk_size: chunk length of the chunkwise mLSTM (training and prefill).
         mlstm_eps: epsilon added to the mLSTM normaliser.
         state_dtype: dtype of the recurrent states in the cache (``"float32"`` whatever the weights' dtype).
         fuse_cross_entropy: with ``labels``, compute the (soft-capped) logits' cross-entropy by one autograd
@@ -88,8 +86,6 @@ class xLSTMConfig(PreTrainedConfig):
     add_out_norm: bool = True
     dropout: float = 0.0
     chunk_size: int = 64
-    mlstm_kernel: str = "chunkwise"
-    backend: str = "auto"
     mlstm_eps: float = 1e-6
     state_dtype: str = "float32"
     max_inference_chunksize: int | None = 4096
@@ -123,6 +119,16 @@ class xLSTMConfig(PreTrainedConfig):
                 "xLSTMConfig.compile_decode=True: the field was removed; compile the decoding step with "
                 "model.generate(..., compile_config=transformers.CompileConfig(...)) (README, 'Generation')"
             )
+        # Run-time choices that earlier versions saved with the weights: the backend is now a load-time option
+        # (`from_pretrained(path, backend=...)`), and the mLSTM runs its chunkwise form (the others compute the same
+        # function). A saved value still loads.
+        for field, default in (("backend", "auto"), ("mlstm_kernel", "chunkwise")):
+            value = kwargs.pop(field, default)
+            if value != default:
+                logger.warning_once(
+                    f"xLSTMConfig.{field}={value!r} is no longer a config field and is ignored"
+                    + (": pass backend=... to from_pretrained / from_config / the model" if field == "backend" else "")
+                )
         if self.slstm_at is None:
             self.slstm_at = []
         if self.norm_eps is None:
@@ -133,14 +139,6 @@ class xLSTMConfig(PreTrainedConfig):
             self.ffn_activation = "gelu" if self.architecture == "paper" else "silu"
         self._validate()
         super().__post_init__(**kwargs)
-
-    @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> xLSTMConfig:
-        """Also reads the config.json of transformers' built-in xLSTM (``model_type: xlstm``, the NX-AI/xLSTM-7b
-        layout), so that ``xLSTMForCausalLM.from_pretrained`` converts such a checkpoint on load."""
-        if config_dict.get("model_type") == "xlstm":
-            config_dict = config_dict_from_transformers_xlstm(config_dict)
-        return super().from_dict(config_dict, **kwargs)
 
     def _validate(self) -> None:
         def fail(field: str, why: str) -> None:
@@ -175,8 +173,6 @@ class xLSTMConfig(PreTrainedConfig):
         if self.max_inference_chunksize is not None:
             check_int("max_inference_chunksize", 1)
         check_choice("architecture", ARCHITECTURES)
-        check_choice("mlstm_kernel", MLSTM_KERNELS)
-        check_choice("backend", BACKENDS)
         check_choice("ffn_activation", FFN_ACTIVATIONS)
         check_choice("slstm_bias_init", SLSTM_BIAS_INITS)
         check_choice("state_dtype", ("float32", "float64", "bfloat16", "float16"))
@@ -271,50 +267,4 @@ class xLSTMConfig(PreTrainedConfig):
         return float("-inf") if self.architecture == "paper" else 0.0
 
 
-# transformers' built-in xLSTM fields with a counterpart here; the kernel/mode fields of the built-in are choices of its
-# implementation, not of the model, and are dropped.
-_TRANSFORMERS_XLSTM_FIELDS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "num_hidden_layers": "num_hidden_layers",
-    "num_heads": "num_heads",
-    "use_bias": "use_bias",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "add_out_norm": "add_out_norm",
-    "norm_eps": "norm_eps",
-    "qk_dim_factor": "qk_dim_factor",
-    "v_dim_factor": "v_dim_factor",
-    "chunk_size": "chunk_size",
-    "eps": "mlstm_eps",
-    "ffn_proj_factor": "ffn_proj_factor",
-    "ffn_round_up_to_multiple_of": "proj_round_to",
-    "gate_soft_cap": "gate_soft_cap",
-    "output_logit_soft_cap": "output_logit_soft_cap",
-    "use_cache": "use_cache",
-    "max_inference_chunksize": "max_inference_chunksize",
-    "pad_token_id": "pad_token_id",
-    "bos_token_id": "bos_token_id",
-    "eos_token_id": "eos_token_id",
-}
-
-
-def config_dict_from_transformers_xlstm(source: dict[str, Any]) -> dict[str, Any]:
-    """The config dict of transformers' built-in xLSTM (``model_type: xlstm``) as an xlstm_hf config dict."""
-    out: dict[str, Any] = {"model_type": xLSTMConfig.model_type, "architecture": "7b"}
-    for src, dst in _TRANSFORMERS_XLSTM_FIELDS.items():
-        if src in source:
-            out[dst] = source[src]
-    if source.get("hidden_size") is None and source.get("embedding_dim") is not None:
-        out["hidden_size"] = source["embedding_dim"]
-    if source.get("num_hidden_layers") is None and source.get("num_blocks") is not None:
-        out["num_hidden_layers"] = source["num_blocks"]
-    if source.get("weight_mode", "single") not in ("single", "fused"):
-        raise ValueError(f"transformers xLSTM config: unknown weight_mode={source['weight_mode']!r}")
-    # Recorded so that loading splits the fused projections of a `weight_mode="fused"` checkpoint.
-    out["source_weight_mode"] = source.get("weight_mode", "single")
-    if source.get("dtype") is not None:
-        out["dtype"] = source["dtype"]
-    return out
-
-
-__all__ = ["config_dict_from_transformers_xlstm", "xLSTMConfig"]
+__all__ = ["xLSTMConfig"]

@@ -1,27 +1,108 @@
 """Conversion of the reference implementations' checkpoints into xlstm_hf.
 
-- ``convert_from_xlstm_package(model)``: an ``xlstm.xLSTMLMModel`` (any mix of mLSTM and sLSTM blocks, either sLSTM
-  backend) -> an equivalent ``xLSTMForCausalLM``. The package is never imported here: the model is read through its
-  attributes.
-- ``convert_transformers_xlstm(path, out)``: a directory (or Hub repo) of transformers' built-in xLSTM -> a
-  ``save_pretrained`` directory of xlstm_hf. ``xLSTMForCausalLM.from_pretrained(path)`` does the same on load,
-  through ``load_transformers_xlstm`` and ``check_transformers_xlstm_load`` (so the modeling file imports this one,
-  which imports the model only inside the functions that build one; it never imports the xlstm package).
+- transformers' built-in xLSTM (``model_type: xlstm``, the NX-AI/xLSTM-7b layout): ``read_transformers_xlstm_config``
+  translates its config as its model reads it, ``split_fused_xlstm_weights`` splits the projections of
+  ``weight_mode="fused"``. ``xLSTMForCausalLM.from_pretrained(path)`` converts on load through them;
+  ``convert_transformers_xlstm(path, out)`` also saves the result.
+- The ``xlstm`` package: ``convert_from_xlstm_package(model)`` turns an ``xlstm.xLSTMLMModel`` (any mix of mLSTM and
+  sLSTM blocks, either sLSTM backend) into an equivalent ``xLSTMForCausalLM``, reading the model through its
+  attributes (the package is never imported).
+
+The modeling file imports this one; this one never imports it. Functions that build a model take the class, or look up
+the class registered for ``xLSTMConfig`` (``causal_lm_class``): the package's ``__init__``, which registers it, runs
+before any of its modules.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import nn
+from safetensors.torch import load_file
+from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
 
 from .configuration_xlstm import xLSTMConfig
 
-if TYPE_CHECKING:
-    from .modeling_xlstm import xLSTMForCausalLM, xLSTMPreTrainedModel
+HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download", "proxies")
+# What loading a `weight_mode="fused"` checkpoint honours besides HUB_KWARGS: it reads a state dict and splits it, so
+# device_map, quantisation and the like are refused rather than ignored (convert once, then load the result).
+FUSED_LOAD_KWARGS = ("dtype", "torch_dtype", "output_loading_info", "use_safetensors", "trust_remote_code")
+
+
+def causal_lm_class() -> type[PreTrainedModel]:
+    """The causal LM registered with ``AutoModelForCausalLM`` for ``xLSTMConfig`` (by ``xlstm_hf/__init__.py``)."""
+    return MODEL_FOR_CAUSAL_LM_MAPPING[xLSTMConfig]
+
+
+def _builtin_ffn_dim(hidden_size: int, factor: float, multiple: int) -> int:
+    """The built-in's rounding (``round_up_to_next_multiple_of`` on a float): 64.5 becomes 64, not 128."""
+    return int((hidden_size * factor + multiple - 1) // multiple * multiple)
+
+
+def config_from_transformers_xlstm(source: dict[str, Any], **overrides: Any) -> xLSTMConfig:
+    """The config dict of transformers' built-in xLSTM as ``xLSTMConfig(architecture="7b")``, field by field as the
+    built-in model reads it (its config class fills what the file leaves out): the stack has ``num_blocks`` blocks
+    (``num_hidden_layers`` keeps its default of 32 when only ``num_blocks`` is given); the embeddings and blocks are
+    ``embedding_dim`` wide, the output norm and head ``hidden_size``; the output norm is always there and without bias
+    (``add_out_norm`` is not read) and the head is never tied (``tie_word_embeddings`` is not read). Its kernel and mode
+    fields are choices of its implementation and have no counterpart. ``overrides`` set fields of ``xLSTMConfig``."""
+    builtin = CONFIG_MAPPING["xlstm"].from_dict(dict(source))
+    where = "transformers xLSTM config"
+    if builtin.embedding_dim != builtin.hidden_size:
+        raise ValueError(
+            f"{where}: embedding_dim={builtin.embedding_dim} != hidden_size={builtin.hidden_size}; its model sizes the "
+            "embeddings and blocks by the one and the output norm and head by the other, so it cannot run either"
+        )
+    fields: dict[str, Any] = dict(
+        architecture="7b",
+        vocab_size=builtin.vocab_size,
+        hidden_size=builtin.embedding_dim,
+        num_hidden_layers=builtin.num_blocks,
+        num_heads=builtin.num_heads,
+        use_bias=builtin.use_bias,
+        norm_eps=builtin.norm_eps,
+        add_out_norm=True,
+        tie_word_embeddings=False,
+        qk_dim_factor=builtin.qk_dim_factor,
+        v_dim_factor=builtin.v_dim_factor,
+        mlstm_eps=builtin.eps,
+        ffn_proj_factor=builtin.ffn_proj_factor,
+        proj_round_to=builtin.ffn_round_up_to_multiple_of,
+        gate_soft_cap=builtin.gate_soft_cap,
+        output_logit_soft_cap=builtin.output_logit_soft_cap,
+        chunk_size=builtin.chunk_size,
+        max_inference_chunksize=builtin.max_inference_chunksize,
+        use_cache=builtin.use_cache,
+        pad_token_id=builtin.pad_token_id,
+        bos_token_id=builtin.bos_token_id,
+        eos_token_id=builtin.eos_token_id,
+        dtype=builtin.dtype,
+    )
+    config = xLSTMConfig(**{**fields, **overrides})
+    ffn_dim = _builtin_ffn_dim(builtin.embedding_dim, builtin.ffn_proj_factor, builtin.ffn_round_up_to_multiple_of)
+    if ffn_dim != config.ffn_dim:
+        raise ValueError(
+            f"{where}: ffn_proj_factor={builtin.ffn_proj_factor} with hidden_size={builtin.embedding_dim} gives a "
+            f"feed-forward width of {ffn_dim} by the built-in's rounding and {config.ffn_dim} by xlstm_hf's"
+        )
+    return config
+
+
+def read_transformers_xlstm_config(path: Any, kwargs: dict[str, Any]) -> tuple[xLSTMConfig, str] | None:
+    """``(config, weight_mode)`` when ``path`` holds a checkpoint of transformers' built-in xLSTM, else None. The
+    ``from_pretrained`` keyword arguments in ``kwargs`` that name fields of ``xLSTMConfig`` are taken out of it and
+    set on the config, as ``from_pretrained`` does with any config."""
+    hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    source, _ = xLSTMConfig.get_config_dict(path, **hub)
+    if source.get("model_type") != "xlstm":
+        return None
+    names = {f.name for f in dataclasses.fields(xLSTMConfig)} - {"dtype"}  # from_pretrained reads `dtype` itself
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+    return config_from_transformers_xlstm(source, **overrides), source.get("weight_mode", "single")
 
 
 def split_fused_xlstm_weights(state: dict[str, torch.Tensor], config: xLSTMConfig) -> dict[str, torch.Tensor]:
@@ -38,23 +119,17 @@ def split_fused_xlstm_weights(state: dict[str, torch.Tensor], config: xLSTMConfi
         for fused, (names, sizes) in splits.items():
             if f".{fused}." in key:
                 head, tail = key.split(f".{fused}.")
-                parent = fused.rsplit(".", 1)[0] if "." in fused else ""
+                parent = fused.rsplit(".", 1)[0]
                 for name, part in zip(names, torch.split(value, sizes, dim=0), strict=True):
-                    out[f"{head}.{parent + '.' if parent else ''}{name}.{tail}"] = part.clone()
+                    out[f"{head}.{parent}.{name}.{tail}"] = part.clone()
                 break
         else:
             out[key] = value
     return out
 
 
-HUB_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download", "proxies")
-
-
 def read_safetensors_checkpoint(path: Any, hub: dict[str, Any]) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint, local or on the Hub."""
-    from safetensors.torch import load_file
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
-
     single = cached_file(path, SAFE_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub)
     if single is not None:
         return load_file(single)
@@ -67,39 +142,55 @@ def read_safetensors_checkpoint(path: Any, hub: dict[str, Any]) -> dict[str, tor
     return state
 
 
-def _only_tied(model: nn.Module, missing: list[str]) -> bool:
-    return model.config.tie_word_embeddings and set(missing) <= {"lm_head.weight"}
+def _load_dtype(kwargs: dict[str, Any], config: xLSTMConfig, state: dict[str, torch.Tensor]) -> torch.dtype:
+    """``dtype`` as ``from_pretrained`` resolves it: ``"auto"`` (the default) is the config's, else the weights'."""
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype")) or "auto"
+    if dtype == "auto":
+        dtype = config.dtype or next(t.dtype for t in state.values() if t.is_floating_point())
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def load_transformers_xlstm(
-    cls: type[xLSTMPreTrainedModel], path: Any, source: dict[str, Any], hub: dict[str, Any], kwargs: dict[str, Any]
-) -> xLSTMPreTrainedModel:
-    """A checkpoint of transformers' built-in xLSTM with ``weight_mode="fused"`` (config dict ``source``) as ``cls``:
-    its weights split into ours by ``split_fused_xlstm_weights``, every key accounted for."""
-    config = xLSTMConfig.from_dict(source)
-    del config.source_weight_mode
+def load_fused_transformers_xlstm(
+    cls: type[PreTrainedModel], path: Any, config: xLSTMConfig, kwargs: dict[str, Any]
+) -> PreTrainedModel | tuple[PreTrainedModel, dict[str, list[str]]]:
+    """A checkpoint of transformers' built-in xLSTM with ``weight_mode="fused"`` as ``cls`` (``config`` from
+    ``read_transformers_xlstm_config``): its weights split by ``split_fused_xlstm_weights``, every one used."""
+    refused = sorted(k for k in kwargs if k not in HUB_KWARGS + FUSED_LOAD_KWARGS)
+    if refused:
+        raise ValueError(
+            f"{path}: a weight_mode='fused' transformers xLSTM checkpoint loads without {refused}; convert it once "
+            "with xlstm_hf.convert_transformers_xlstm(path, out) and load `out` with them"
+        )
+    hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+    state = read_safetensors_checkpoint(path, hub)
+    dtype = _load_dtype(kwargs, config, state)
     model = cls(config)
-    prefix = "" if hasattr(model, "lm_head") else "backbone."
-    state = split_fused_xlstm_weights(read_safetensors_checkpoint(path, hub), config)
+    prefix = "" if hasattr(model, "lm_head") else f"{model.base_model_prefix}."
+    state = split_fused_xlstm_weights(state, config)
     state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if [k for k in missing if not _only_tied(model, [k])] or unexpected:
+    if missing or unexpected:
         raise ValueError(f"{path}: fused transformers xLSTM checkpoint: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
-    if isinstance(dtype, torch.dtype):
-        model = model.to(dtype)
-    return model.eval()
+    model = model.to(dtype).eval()
+    info = {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    return (model, info) if kwargs.get("output_loading_info") else model
 
 
-def check_transformers_xlstm_load(model: nn.Module, path: Any, info: dict[str, list[str]]) -> None:
+def check_transformers_xlstm_load(path: Any, info: dict[str, Any]) -> None:
     """After ``from_pretrained`` of a transformers xLSTM checkpoint (``weight_mode="single"``, our names): raise
-    unless every weight was found and used (the tied head excepted)."""
-    del model.config.source_weight_mode
-    problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    problems = {k: v for k, v in problems.items() if v and not (k == "missing_keys" and _only_tied(model, v))}
+    unless every weight was found and used (the built-in never ties the head, so none may be missing)."""
+    problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if problems:
         raise ValueError(f"{path}: the transformers xLSTM checkpoint does not map onto xlstm_hf's layout: {problems}")
+
+
+def convert_transformers_xlstm(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> PreTrainedModel:
+    """A checkpoint of transformers' built-in xLSTM (a local directory or a Hub repo id) as an xLSTMForCausalLM;
+    saved to ``out`` with ``save_pretrained`` when given."""
+    model = causal_lm_class().from_pretrained(path, **kwargs)
+    if out is not None:
+        model.save_pretrained(out)
+    return model
 
 
 _ACTIVATIONS = {"gelu": "gelu", "swish": "silu", "relu": "relu"}
@@ -219,14 +310,12 @@ def state_dict_from_xlstm_package(model: Any, config: xLSTMConfig) -> dict[str, 
     return {k: v.contiguous().clone() for k, v in sd.items()}
 
 
-def convert_from_xlstm_package(model: Any) -> xLSTMForCausalLM:
+def convert_from_xlstm_package(model: Any) -> PreTrainedModel:
     """An ``xlstm.xLSTMLMModel`` in, an ``xLSTMForCausalLM`` with the same logits (float32) out."""
-    from .modeling_xlstm import xLSTMForCausalLM  # here: the modeling file imports this one
-
     config = config_from_xlstm_package(model.config)
     state = state_dict_from_xlstm_package(model, config)
 
-    ours = xLSTMForCausalLM(config)
+    ours = causal_lm_class()(config)
     missing, unexpected = ours.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
@@ -236,23 +325,15 @@ def convert_from_xlstm_package(model: Any) -> xLSTMForCausalLM:
     return ours.eval() if not model.training else ours
 
 
-def convert_transformers_xlstm(path: str | Path, out: str | Path | None = None, **kwargs: Any) -> xLSTMForCausalLM:
-    """A checkpoint of transformers' built-in xLSTM (a local directory or a Hub repo id) as an xLSTMForCausalLM;
-    saved to ``out`` with ``save_pretrained`` when given."""
-    from .modeling_xlstm import xLSTMForCausalLM  # here: the modeling file imports this one
-
-    model = xLSTMForCausalLM.from_pretrained(path, **kwargs)
-    if out is not None:
-        model.save_pretrained(out)
-    return model
-
-
 __all__ = [
+    "causal_lm_class",
     "check_transformers_xlstm_load",
+    "config_from_transformers_xlstm",
     "config_from_xlstm_package",
     "convert_from_xlstm_package",
     "convert_transformers_xlstm",
-    "load_transformers_xlstm",
+    "load_fused_transformers_xlstm",
+    "read_transformers_xlstm_config",
     "split_fused_xlstm_weights",
     "state_dict_from_xlstm_package",
 ]

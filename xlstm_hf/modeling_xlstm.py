@@ -11,7 +11,6 @@ the fused logits + loss (fused_ops.py), the kernels and their references.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,31 +25,18 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
 from .cache_xlstm import xLSTMCache
-from .checks import check_inputs, check_labels
+from .checks import check_labels, check_model_inputs
 from .configuration_xlstm import xLSTMConfig
-from .convert import HUB_KWARGS, check_transformers_xlstm_load, load_transformers_xlstm
-from .fused_ops import LogitsLossFunction, functorch_active
-from .mlstm_chunk import HAS_TRITON, mlstm_chunkwise_triton, mlstm_chunkwise_unsupported
-from .mlstm_chunk_torch import mlstm_chunkwise_torch
-from .mlstm_naive import (
-    MASKED_IGATE,
-    MLSTMState,
-    empty_state,
-    mlstm_parallel,
-    mlstm_recurrent,
-    mlstm_recurrent_step,
-)
-from .mlstm_step import mlstm_step_triton, mlstm_step_unsupported
+from .convert import check_transformers_xlstm_load, load_fused_transformers_xlstm, read_transformers_xlstm_config
+from .fused_ops import LogitsLossFunction
+from .mlstm_naive import MLSTMState
 from .packing import DocumentLayout, document_starts
-from .slstm_fused import slstm_triton, slstm_unsupported
-from .slstm_naive import SLSTMState, slstm_empty_state, slstm_recurrent, slstm_recurrent_step, slstm_scan
+from .recurrent_ops import check_backend, fall_back, functorch_active, mlstm_sequence, slstm_sequence
+from .slstm_naive import SLSTMState
 
 logger = logging.get_logger(__name__)
 
-# Forget-gate pre-activation of a padded position: logsigmoid(1e4) == 0.0 in float32, so the memory is not decayed.
-MASKED_FGATE = 1.0e4
-
-FFN_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
+FFN_ACTIVATION_FUNCTIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}  # by config.ffn_activation
 
 
 def soft_cap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
@@ -133,126 +119,11 @@ class HeadwiseLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-# The recurrent ops. Each function below is the one place that chooses what runs that op: the Triton kernels
-# (`backend="auto"` on CUDA; `"triton"` wherever Triton can run, the CPU interpreter with TRITON_INTERPRET=1 included)
-# or the PyTorch implementations; every fallback is warned once, naming why.
-
-
-def _triton_serves(config: xLSTMConfig, t: torch.Tensor, op: str, unsupported: Callable[[], str | None]) -> bool:
-    """Whether the Triton kernel of `op` runs for inputs like `t`; `unsupported()` asks the kernel for its reason to
-    refuse these shapes (None: it takes them)."""
-    if config.backend == "torch" or (config.backend == "auto" and not t.is_cuda):
-        return False
-    if not HAS_TRITON:
-        why = "triton is not installed (pip install triton)"
-    elif not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        why = f"the kernels need a CUDA device (or TRITON_INTERPRET=1), inputs are on {t.device.type}"
-    else:
-        refused = unsupported()
-        why = None if refused is None else f"the {op} kernel does not take {refused}"
-    if why is not None:
-        logger.warning_once(f'xLSTM backend="{config.backend}": {why}; running the PyTorch implementation')
-    return why is None
-
-
-def mlstm_sequence(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    i: torch.Tensor,
-    f: torch.Tensor,
-    state: MLSTMState | None,
-    config: xLSTMConfig,
-) -> tuple[torch.Tensor, MLSTMState]:
-    """q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] float32 -> h [B, NH, S, DV], state (C, n, m). The
-    form that `config.mlstm_kernel` names; the chunkwise form by the Triton kernel or its PyTorch twin."""
-    eps, empty_m = config.mlstm_eps, config.mlstm_empty_max_state
-    # torch.export (and torch.onnx.export) trace one graph for every length: the chunkwise forms' reshapes into
-    # ceil(S / chunk) chunks make guards on S that no single graph satisfies, so an exported model runs the
-    # parallel form (the same function of the inputs, quadratic in S like attention).
-    if config.mlstm_kernel == "parallel" or torch.compiler.is_exporting():
-        return mlstm_parallel(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
-    if config.mlstm_kernel == "recurrent":
-        return mlstm_recurrent(q, k, v, i, f, state, eps=eps, empty_m=empty_m)
-    chunk = config.chunk_size
-    if _triton_serves(config, q, "mLSTM chunkwise", lambda: mlstm_chunkwise_unsupported(q, v, chunk)):
-        return mlstm_chunkwise_triton(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
-    return mlstm_chunkwise_torch(q, k, v, i, f, state, chunk_size=chunk, eps=eps, empty_m=empty_m)
-
-
-def mlstm_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    i: torch.Tensor,
-    f: torch.Tensor,
-    state: MLSTMState | None,
-    config: xLSTMConfig,
-) -> tuple[torch.Tensor, MLSTMState]:
-    """One token: q, k [B, NH, DK]; v [B, NH, DV]; i, f [B, NH] -> h [B, NH, DV], state. The fused Triton step updates
-    the state in place (a decoding step owns the cache's tensors), so it serves only without autograd."""
-    if state is None:
-        state = empty_state(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], config.mlstm_empty_max_state, q.device)
-    if not torch.is_grad_enabled() and _triton_serves(config, q, "mLSTM step", lambda: mlstm_step_unsupported(q, v)):
-        return mlstm_step_triton(q, k, v, i, f, state, config.mlstm_eps)
-    return mlstm_recurrent_step(q, k, v, i, f, state, config.mlstm_eps)
-
-
-def slstm_sequence(
-    x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
-) -> tuple[torch.Tensor, SLSTMState]:
-    """x [B, NH, S, 4 * DH] gate pre-activations; r [NH, DH, 4 * DH]; mask [B, S] -> h [B, NH, S, DH], state."""
-    if _triton_serves(config, x, "sLSTM", lambda: slstm_unsupported(x, r)):
-        return slstm_triton(x, r, state, mask)
-    if torch.compiler.is_exporting() and isinstance(x.shape[2], torch.SymInt):
-        return slstm_scan(x, r, state, mask)  # a traced length: one scan op, not a loop unrolled at one length
-    return slstm_recurrent(x, r, state, mask)
-
-
-def slstm_step(
-    x: torch.Tensor, r: torch.Tensor, state: SLSTMState | None, mask: torch.Tensor | None, config: xLSTMConfig
-) -> tuple[torch.Tensor, SLSTMState]:
-    """One token: x [B, NH, 4 * DH]; mask [B] -> h [B, NH, DH], state."""
-    if _triton_serves(config, x, "sLSTM step", lambda: slstm_unsupported(x[:, :, None], r)):
-        h, state = slstm_triton(x[:, :, None], r, state, None if mask is None else mask[:, None])
-        return h[:, :, 0], state
-    if state is None:
-        state = slstm_empty_state(x.shape[0], r.shape[0], r.shape[1], x.device)
-    h, state = slstm_recurrent_step(x, r, state, mask)
-    return h.to(x.dtype), state
-
-
-def _mask_gates(i: torch.Tensor, f: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """i, f [B, NH, S] float32; mask [B, S] bool. A padded position neither writes nor decays the memory."""
-    if mask is None:
-        return i, f
-    keep = mask[:, None, :]
-    return i.masked_fill(~keep, MASKED_IGATE), f.masked_fill(~keep, MASKED_FGATE)
-
-
-def run_mlstm(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    i: torch.Tensor,
-    f: torch.Tensor,
-    state: MLSTMState | None,
-    mask: torch.Tensor | None,
-    docs: DocumentLayout | None,
-    config: xLSTMConfig,
-) -> tuple[torch.Tensor, MLSTMState | None]:
-    """The mLSTM of a layer: q, k [B, NH, S, DK]; v [B, NH, S, DV]; i, f [B, NH, S] float32 -> h [B, NH, S, DV] and
-    the state; padded positions masked out of the gates; with `docs`, every document of packed rows from an empty
-    state (no state out); one token through the step."""
-    if docs is not None:
-        i, f = _mask_gates(docs.heads(i), docs.heads(f), docs.mask)
-        h, _ = mlstm_sequence(docs.heads(q), docs.heads(k), docs.heads(v), i, f, None, config)
-        return docs.heads(h, inverse=True), None
-    i, f = _mask_gates(i, f, mask)
-    if q.shape[2] == 1:
-        h, state = mlstm_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], state, config)
-        return h[:, :, None], state
-    return mlstm_sequence(q, k, v, i, f, state, config)
+def _mlstm_options(config: xLSTMConfig, backend: str) -> dict[str, Any]:
+    """The keyword arguments of `recurrent_ops.mlstm_sequence` that the config and the backend fix."""
+    return dict(
+        chunk_size=config.chunk_size, eps=config.mlstm_eps, empty_m=config.mlstm_empty_max_state, backend=backend
+    )
 
 
 def _init_spec(linear: nn.Linear, **spec: Any) -> nn.Linear:
@@ -266,9 +137,9 @@ class mLSTMLayer(nn.Module):
     """The paper's mLSTM layer: up-projection, causal conv, block-diagonal q/k/v, mLSTM, multi-head norm, learnable
     skip, output gate and down-projection. State: (C, n, m, conv_state)."""
 
-    def __init__(self, config: xLSTMConfig):
+    def __init__(self, config: xLSTMConfig, backend: str = "auto"):
         super().__init__()
-        self.config = config
+        self.mlstm_options = _mlstm_options(config, backend)
         D, inner, NH = config.hidden_size, config.mlstm_inner_dim, config.num_heads
         self.num_heads = NH
         self.inner_dim = inner
@@ -301,20 +172,19 @@ class mLSTMLayer(nn.Module):
         i = self.igate(qkv).float().transpose(1, 2)  # [B, NH, S]
         f = self.fgate(qkv).float().transpose(1, 2)
         q, k, v = (t.view(B, S, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
-        h, mlstm_state = run_mlstm(q, k, v, i, f, mlstm_state, mask, docs, self.config)
+        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, mask=mask, docs=docs, **self.mlstm_options)
         h = self.multihead_norm(h)  # [B, S, inner]
         y = self.proj_down((h + self.learnable_skip * x_c) * F.silu(z))
-        state = None if mlstm_state is None else (*mlstm_state, conv_state)
-        return self.dropout(y), state
+        return self.dropout(y), None if docs is not None else (*mlstm_state, conv_state)
 
 
 class mLSTM7BLayer(nn.Module):
     """The xLSTM-7B mLSTM layer: q/k/v and output-gate projections, soft-capped gates, mLSTM, multi-head norm.
     State: (C, n, m, None) (no conv)."""
 
-    def __init__(self, config: xLSTMConfig):
+    def __init__(self, config: xLSTMConfig, backend: str = "auto"):
         super().__init__()
-        self.config = config
+        self.mlstm_options = _mlstm_options(config, backend)
         D, NH, bias = config.hidden_size, config.num_heads, config.use_bias
         self.num_heads = NH
         self.q = nn.Linear(D, config.qk_dim, bias=bias)
@@ -336,18 +206,19 @@ class mLSTM7BLayer(nn.Module):
         q, k, v = (t.view(B, S, self.num_heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
         i = soft_cap(self.igate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
         f = soft_cap(self.fgate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)
-        h, mlstm_state = run_mlstm(q, k, v, i, f, None if state is None else state[:3], mask, docs, self.config)
+        mlstm_state = None if state is None else state[:3]
+        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, mask=mask, docs=docs, **self.mlstm_options)
         y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h))  # h [B, NH, S, DV]
-        return self.dropout(y), None if mlstm_state is None else (*mlstm_state, None)
+        return self.dropout(y), None if docs is not None else (*mlstm_state, None)
 
 
 class sLSTMLayer(nn.Module):
     """The paper's sLSTM layer: causal conv feeding the input and forget gates, block-diagonal gate projections,
     block-diagonal recurrent matrices, multi-head norm. State: (h, c, n, m, conv_state)."""
 
-    def __init__(self, config: xLSTMConfig, block_idx: int):
+    def __init__(self, config: xLSTMConfig, block_idx: int, backend: str = "auto"):
         super().__init__()
-        self.config = config
+        self.backend = backend
         self.block_idx = block_idx  # the forget-gate bias init depends on the depth
         D, NH = config.hidden_size, config.slstm_num_heads
         self.num_heads, self.head_dim = NH, D // NH
@@ -375,20 +246,11 @@ class sLSTMLayer(nn.Module):
             x_c = F.silu(x_c)
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)  # [B, S, 4, D]
         gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH) + self.bias[:, None]
-        if docs is not None:
-            h, _ = slstm_sequence(docs.heads(gates), self.recurrent_kernel, None, docs.mask, self.config)
-            h, slstm_state = docs.heads(h, inverse=True), None
-        elif S == 1:
-            h, slstm_state = slstm_step(gates[:, :, 0], self.recurrent_kernel, slstm_state, _first(mask), self.config)
-            h = h[:, :, None]
-        else:
-            h, slstm_state = slstm_sequence(gates, self.recurrent_kernel, slstm_state, mask, self.config)
-        state = None if slstm_state is None else (*slstm_state, conv_state)
+        h, slstm_state = slstm_sequence(
+            gates, self.recurrent_kernel, slstm_state, mask=mask, docs=docs, backend=self.backend
+        )
+        state = None if docs is not None else (*slstm_state, conv_state)
         return self.dropout(self.multihead_norm(h)), state  # [B, S, D]
-
-
-def _first(mask: torch.Tensor | None) -> torch.Tensor | None:
-    return None if mask is None else mask[:, 0]
 
 
 class GatedFeedForward(nn.Module):
@@ -401,7 +263,7 @@ class GatedFeedForward(nn.Module):
         self.proj_up = nn.Linear(D, H, bias=bias)
         # Wang init over the model width in the paper, over the FFN width in xLSTM-7B
         self.proj_down = _init_spec(nn.Linear(H, D, bias=bias), wang_dim=D if config.architecture == "paper" else H)
-        self.act = FFN_ACTIVATIONS[config.ffn_activation]
+        self.act = FFN_ACTIVATION_FUNCTIONS[config.ffn_activation]
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -412,17 +274,17 @@ class xLSTMBlock(GradientCheckpointingLayer):
     """Pre-norm residual block: x + mixer(norm(x)) [+ ffn(norm_ffn(x))]. The mixer is an mLSTM layer (paper or 7B) or
     an sLSTM layer; the block is functional: it returns the new recurrent state instead of writing a cache."""
 
-    def __init__(self, config: xLSTMConfig, block_idx: int):
+    def __init__(self, config: xLSTMConfig, block_idx: int, backend: str = "auto"):
         super().__init__()
         self.block_type = block_type = config.block_types[block_idx]
         norm = RMSNorm if config.architecture == "7b" else LayerNorm
         bias = config.use_bias and config.architecture == "7b"
         if block_type == "s":
             self.norm_slstm = norm(config.hidden_size, config.norm_eps, bias=bias)
-            self.slstm_layer = sLSTMLayer(config, block_idx)
+            self.slstm_layer = sLSTMLayer(config, block_idx, backend)
         else:
             self.norm_mlstm = norm(config.hidden_size, config.norm_eps, bias=bias)
-            self.mlstm_layer = mLSTM7BLayer(config) if config.architecture == "7b" else mLSTMLayer(config)
+            self.mlstm_layer = (mLSTM7BLayer if config.architecture == "7b" else mLSTMLayer)(config, backend)
         if block_type == "s" or config.architecture == "7b":
             self.norm_ffn = norm(config.hidden_size, config.norm_eps, bias=bias)
             self.ffn = GatedFeedForward(config)
@@ -492,20 +354,18 @@ class xLSTMHFPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
         """As PreTrainedModel.from_pretrained; a checkpoint of transformers' built-in xLSTM (``model_type: xlstm``,
-        the NX-AI/xLSTM-7b layout) is converted on load: its config is translated (xLSTMConfig.from_dict), its
-        weights carry the same names as ours, and the fused projections of ``weight_mode="fused"`` are split
-        (convert.py)."""
-        if kwargs.get("config") is None:
-            hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-            source, _ = xLSTMConfig.get_config_dict(pretrained_model_name_or_path, **hub)
-            if source.get("model_type") == "xlstm" and source.get("weight_mode") == "fused":
-                return load_transformers_xlstm(cls, pretrained_model_name_or_path, source, hub, kwargs)
+        the NX-AI/xLSTM-7b layout) is converted on load (convert.py): its config is translated, its weights carry our
+        names (``weight_mode="single"``, loaded here with every key used) or are split (``"fused"``)."""
+        path = pretrained_model_name_or_path
+        builtin = read_transformers_xlstm_config(path, kwargs) if kwargs.get("config") is None else None
+        if builtin is None:
+            return super().from_pretrained(path, *model_args, **kwargs)
+        config, weight_mode = builtin
+        if weight_mode == "fused":
+            return load_fused_transformers_xlstm(cls, path, config, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
-        )
-        if getattr(model.config, "source_weight_mode", None) is not None:
-            check_transformers_xlstm_load(model, pretrained_model_name_or_path, info)
+        model, info = super().from_pretrained(path, *model_args, config=config, output_loading_info=True, **kwargs)
+        check_transformers_xlstm_load(path, info)
         return (model, info) if want_info else model
 
     @torch.no_grad()
@@ -568,12 +428,16 @@ class xLSTMHFPreTrainedModel(PreTrainedModel):
 
 
 class xLSTMHFModel(xLSTMHFPreTrainedModel):
-    """Embeddings, the stack of blocks and the output norm."""
+    """Embeddings, the stack of blocks and the output norm. `backend` chooses the implementation of the recurrences
+    (`recurrent_ops`): "auto" (the Triton kernels on CUDA, PyTorch elsewhere), "triton" or "torch"; a load-time
+    option like transformers' `attn_implementation` (`from_pretrained(path, backend=...)`), not saved with the
+    weights."""
 
-    def __init__(self, config: xLSTMConfig):
+    def __init__(self, config: xLSTMConfig, backend: str = "auto"):
         super().__init__(config)
+        self.backend = check_backend(backend)
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
-        self.blocks = nn.ModuleList([xLSTMBlock(config, idx) for idx in range(config.num_hidden_layers)])
+        self.blocks = nn.ModuleList([xLSTMBlock(config, idx, backend) for idx in range(config.num_hidden_layers)])
         norm = RMSNorm if config.architecture == "7b" else LayerNorm
         bias = config.use_bias and config.architecture == "7b"
         self.out_norm = norm(config.hidden_size, config.norm_eps, bias=bias) if config.add_out_norm else nn.Identity()
@@ -616,7 +480,7 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
         or cu_seq_lens_q) run every document from an empty state."""
         if "cache_params" in kwargs or "past_key_values" in kwargs:
             cache = kwargs.pop("cache_params", None) or kwargs.pop("past_key_values", None) or cache
-        check_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, self.embeddings.weight.dtype)
+        check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, self.embeddings.weight.dtype)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -670,13 +534,28 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
 
     _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
 
-    def __init__(self, config: xLSTMConfig):
+    def __init__(self, config: xLSTMConfig, backend: str = "auto"):
         super().__init__(config)
-        self.backbone = xLSTMHFModel(config)
+        self.backbone = xLSTMHFModel(config, backend=backend)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.logit_soft_cap = config.output_logit_soft_cap if config.architecture == "7b" else None
-        self.fuse_cross_entropy = config.fuse_cross_entropy
+        # the loss is chosen here: the fused logits + loss, unless the config turns it off or the loss function is not
+        # transformers' causal-LM loss (a custom `loss_function` set later turns it off too)
+        self.fuse_cross_entropy = config.fuse_cross_entropy and self.loss_function is ForCausalLMLoss
         self.post_init()
+
+    @property
+    def backend(self) -> str:
+        return self.backbone.backend
+
+    @property
+    def loss_function(self) -> Callable[..., torch.Tensor]:
+        return PreTrainedModel.loss_function.fget(self)
+
+    @loss_function.setter
+    def loss_function(self, value: Callable[..., torch.Tensor]) -> None:
+        PreTrainedModel.loss_function.fset(self, value)
+        self.fuse_cross_entropy = False  # a custom loss takes the logits
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.backbone.embeddings
@@ -704,7 +583,10 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         as given, else against `labels` shifted left by one, -100 ignored, averaged over the counted targets (or
         summed and divided by `num_items_in_batch`). With `fuse_cross_entropy` and the default loss function, one
         autograd function computes the soft cap and the loss (`LogitsLossFunction`, float32 whatever z's dtype)."""
-        fused = self.fuse_cross_entropy and self.loss_function is ForCausalLMLoss and not functorch_active()
+        fused = self.fuse_cross_entropy
+        if fused and functorch_active():
+            fall_back("fuse_cross_entropy", "inside a torch.func transform", "the unfused loss")
+            fused = False
         if not fused:
             logits = soft_cap(z, self.logit_soft_cap)
             loss = self.loss_function(
