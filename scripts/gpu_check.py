@@ -183,8 +183,7 @@ def check_models(records: list) -> None:
         runs = {}
         for backend in ("torch", "triton"):
             torch.manual_seed(0)
-            config.backend = backend
-            model = xlstm_hf.xLSTMForCausalLM(config).cuda()
+            model = xlstm_hf.xLSTMForCausalLM(config, backend=backend).cuda()
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
             losses = []
             with matmul_precision("highest"):

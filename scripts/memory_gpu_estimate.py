@@ -75,7 +75,6 @@ def config_7b(layers: int = 32, **overrides) -> xLSTMConfig:
         output_logit_soft_cap=30.0,
         use_bias=False,
         tie_word_embeddings=False,
-        backend="torch",
     )
     return xLSTMConfig(**{**fields, **overrides})
 
@@ -266,9 +265,9 @@ def training_step_memory(
     row blocks of the fused loss, is chosen as on a GPU. `edit_model` may change the model before the step."""
     if fake:  # on the meta device first: fake parameters cannot be cast by Module.to (swap_tensors refuses them)
         with torch.device("meta"):
-            model = xLSTMForCausalLM(config).to(dtype)
+            model = xLSTMForCausalLM(config, backend="torch").to(dtype)
     else:
-        model = xLSTMForCausalLM(config).to(dtype)
+        model = xLSTMForCausalLM(config, backend="torch").to(dtype)
     with ExitStack() as stack:
         if fake:
             stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))  # to_empty reads the meta parameters
