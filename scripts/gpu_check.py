@@ -15,7 +15,7 @@
    an sLSTM block, and a 7B-style stack), losses and parameters after the steps; then greedy generation, tokens equal.
 4. scripts/benchmark_kernels.py at reduced repeats (S 2k and 8k), and the sLSTM at column tiles 16, 32, 64.
 Writes one JSON (device, versions, every figure, pass/fail) and exits non-zero when a check failed. It needs CUDA and
-says so otherwise. About 5 minutes on an H100 (most of it Triton compiling each kernel configuration once).
+says so otherwise. It has not yet run on a GPU: its run time there is unmeasured.
 """
 
 from __future__ import annotations
