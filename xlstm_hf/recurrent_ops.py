@@ -81,12 +81,13 @@ def _triton_refusal(t: torch.Tensor, refused: str | None) -> str | None:
     return None if refused is None else f"the kernel does not take {refused}"
 
 
-def _traced_route(backend: str, t: torch.Tensor, op: str) -> str | None:
-    """Steps 1 and 2 of the routing: "export", "func" or None; warns when Triton was asked for."""
+def _traced_route(backend: str, t: torch.Tensor, op: str, runs: str | None = None) -> str | None:
+    """Steps 1 and 2 of the routing: "export", "func" or None. Warns when the route replaces what would run otherwise:
+    Triton where it was asked for, or the PyTorch implementation where the traced route runs another form (`runs`)."""
     route = "export" if torch.compiler.is_exporting() else "func" if functorch_active() else None
-    if route is not None and _wants_triton(backend, t):
+    if route is not None and (runs is not None or _wants_triton(backend, t)):
         why = "exporting" if route == "export" else "inside a torch.func transform"
-        fall_back(f'backend="{backend}", {op}', why, "the PyTorch reference")
+        fall_back(f'backend="{backend}", {op}', why, runs or "the PyTorch reference")
     return route
 
 
@@ -143,7 +144,8 @@ def mlstm_sequence(
         )  # fmt: skip
         return h[:, :, None], state
     op = "mLSTM chunkwise"
-    route = _traced_route(backend, q, op)
+    traced = "the parallel form (quadratic in S)" if torch.compiler.is_exporting() else "the autograd reference"
+    route = _traced_route(backend, q, op, runs=traced)
     if route == "export":
         # the chunkwise forms' reshapes into ceil(S / chunk) chunks make guards on S that no single graph satisfies:
         # an exported model runs the parallel form (the same function, quadratic in S like attention)
