@@ -212,3 +212,25 @@ def test_mlstm_forms_agree_at_model_level(form, architecture, monkeypatch):
     torch.testing.assert_close(continued, ref_logits[:, 11:], **TOL)
     for n, g in grads.items():
         torch.testing.assert_close(g, ref_grads[n], atol=1e-5, rtol=1e-3, msg=n)
+
+
+def test_the_loss_is_chosen_at_construction_and_a_custom_one_is_honoured():
+    """fuse_cross_entropy is decided when the model is built; a loss function set afterwards is the one that runs
+    (on the soft-capped logits) instead of the fused loss."""
+    model = randomize_(xlstm_hf.xLSTMForCausalLM(tiny_config("7b")))
+    assert model.fuse_cross_entropy
+    assert not xlstm_hf.xLSTMForCausalLM(tiny_config("7b", fuse_cross_entropy=False)).fuse_cross_entropy
+    ids = torch.randint(0, 97, (2, 9))
+    fused = model(ids, labels=ids)
+    seen = []
+
+    def custom(logits, labels, vocab_size, **kwargs):
+        seen.append(logits)
+        return logits.float().mean()
+
+    model.loss_function = custom
+    assert not model.fuse_cross_entropy
+    out = model(ids, labels=ids)
+    assert len(seen) == 1 and torch.equal(seen[0], out.logits)
+    torch.testing.assert_close(out.loss, out.logits.float().mean())
+    torch.testing.assert_close(out.logits, fused.logits)
