@@ -1,5 +1,6 @@
 """Parity with the reference implementations (float32, max abs diff <= 1e-4 on the logits)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -64,12 +65,14 @@ def test_xlstm_package_parity(slstm_at, num_blocks, tie):
     assert torch.isfinite(ours(torch.randint(0, 101, (1, 100))).logits).all()
 
 
-def transformers_xlstm_dir(tmp_path: Path, fused: bool = False) -> tuple[Path, torch.nn.Module]:
+def transformers_xlstm_dir(tmp_path: Path, fused: bool = False, **fields) -> tuple[Path, torch.nn.Module]:
     from transformers.models.xlstm import xLSTMConfig as BuiltinConfig
     from transformers.models.xlstm import xLSTMForCausalLM as BuiltinModel
 
-    # hidden 128: the built-in cache needs q/k widths that are multiples of 64 (a known defect of it)
-    config = BuiltinConfig(vocab_size=101, hidden_size=128, num_hidden_layers=2, num_heads=4, chunk_size=16)
+    # hidden 128: the built-in cache needs q/k widths that are multiples of 64 (a known defect of it). num_blocks is
+    # what its model builds; its config.json keeps num_hidden_layers at the default of 32 beside it.
+    config = BuiltinConfig(vocab_size=101, hidden_size=128, num_blocks=2, num_heads=4, chunk_size=16, **fields)
+    assert config.to_dict()["num_hidden_layers"] == 32
     ref = randomize_(BuiltinModel(config)).eval()
     ref.save_pretrained(tmp_path)
     if fused:  # the built-in cannot init weight_mode="fused" itself; write that layout from the single one
@@ -97,15 +100,49 @@ def transformers_xlstm_dir(tmp_path: Path, fused: bool = False) -> tuple[Path, t
     return tmp_path, ref
 
 
+@pytest.mark.parametrize(
+    "fields",
+    # fields the built-in model does not read: it always has the output norm and never ties the head
+    [{}, {"tie_word_embeddings": True, "add_out_norm": False}],
+    ids=["defaults", "unread-fields"],
+)
 @pytest.mark.parametrize("fused", [False, True], ids=["single", "fused"])
-def test_transformers_builtin_parity(tmp_path, fused):
-    path, ref = transformers_xlstm_dir(tmp_path, fused)
+def test_transformers_builtin_parity(tmp_path, fused, fields):
+    path, ref = transformers_xlstm_dir(tmp_path, fused, **fields)
     ours = xlstm_hf.xLSTMForCausalLM.from_pretrained(path).eval()
     assert ours.config.model_type == "xlstm_hf" and ours.config.architecture == "7b"
-    assert "source_weight_mode" not in ours.config.to_dict()
+    assert ours.config.num_hidden_layers == len(ref.backbone.blocks) == 2
+    # only xLSTMConfig's own fields: nothing of the built-in's (weight_mode, kernels) nor of the conversion
+    known = {f.name for f in dataclasses.fields(xlstm_hf.xLSTMConfig)} | set(xlstm_hf.xLSTMConfig().to_dict())
+    saved = ours.config.to_dict()
+    assert "source_weight_mode" not in saved and set(saved) <= known, set(saved) - known
     ids = torch.randint(0, 101, (2, 37))
     with torch.no_grad():
         assert (ref(ids, use_cache=False).logits - ours(ids).logits).abs().max() <= ATOL
+
+
+def test_transformers_builtin_load_keeps_from_pretrained_options(tmp_path):
+    """dtype, loading info and config overrides as for any checkpoint; the fused layout refuses what it cannot do."""
+    path, _ = transformers_xlstm_dir(tmp_path)
+    model, info = xlstm_hf.xLSTMForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, output_loading_info=True, max_inference_chunksize=8
+    )
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.config.max_inference_chunksize == 8
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    fused, _ = transformers_xlstm_dir(tmp_path / "fused", fused=True)
+    assert xlstm_hf.xLSTMForCausalLM.from_pretrained(fused, dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="device_map.*convert_transformers_xlstm"):
+        xlstm_hf.xLSTMForCausalLM.from_pretrained(fused, device_map="cpu")
+
+
+def test_transformers_builtin_config_with_two_widths_is_refused():
+    from transformers.models.xlstm import xLSTMConfig as BuiltinConfig
+
+    from xlstm_hf.convert import config_from_transformers_xlstm
+
+    source = BuiltinConfig(vocab_size=101, hidden_size=256, embedding_dim=128, num_blocks=2, num_heads=4).to_dict()
+    with pytest.raises(ValueError, match="embedding_dim=128 != hidden_size=256"):
+        config_from_transformers_xlstm(source)
 
 
 def test_transformers_checkpoint_with_foreign_weights_fails_loudly(tmp_path):
