@@ -29,10 +29,8 @@ from .checks import check_labels, check_model_inputs
 from .configuration_xlstm import xLSTMConfig
 from .convert import check_transformers_xlstm_load, load_fused_transformers_xlstm, read_transformers_xlstm_config
 from .fused_ops import LogitsLossFunction
-from .mlstm_naive import MLSTMState
 from .packing import DocumentLayout, document_starts
 from .recurrent_ops import check_backend, fall_back, functorch_active, mlstm_sequence, slstm_sequence
-from .slstm_naive import SLSTMState
 
 logger = logging.get_logger(__name__)
 
@@ -612,9 +610,15 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         batch_size: int,
         max_cache_length: int,
     ) -> None:
-        """generate() makes the xLSTMCache before the prefill (it makes none itself for a model named xLSTM), so that
-        its compile criteria see a compileable cache and compile the decoding step (`compile_config`; by itself on
-        CUDA). A cache passed by the user is checked by transformers as for any model."""
+        """The one private hook of transformers that xlstm_hf overrides, and why: generate() decides whether to compile
+        the decoding step (`compile_config`; by itself on CUDA) from the cache in `model_kwargs` before the prefill,
+        and no public hook makes a model's own cache class there (transformers makes none for a class named xLSTM,
+        a `DynamicCache` for others). So the xLSTMCache is made here; a cache passed by the user is checked by
+        transformers as for any model. Assisted and prompt-lookup decoding are refused before anything runs.
+        tests/test_cache.py fails, naming this method, if transformers changes its signature or stops calling it
+        before the compile decision."""
+        if generation_mode == "assisted_generation":
+            raise ValueError(xLSTMCache.ROLLBACK_REFUSED)
         if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
