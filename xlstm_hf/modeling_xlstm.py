@@ -348,6 +348,26 @@ class xLSTMHFPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _is_stateful = True
     _supports_cache_class = True
+    # The gate projections (one output per head) that transformers' quantisers leave unconverted: bitsandbytes,
+    # torchao, quanto and the others add `_keep_in_fp32_modules` to their skip list and match it as a name suffix,
+    # of the module (bitsandbytes, quanto) or of the parameter (torchao), hence both forms. "mlstm_layer.igate"
+    # leaves out the sLSTM's block-diagonal gates, which no quantiser converts. The exponential input gate turns a
+    # rounding error of its preactivation into a relative error of the whole update, and bitsandbytes' 4-bit CPU
+    # kernel asserts on out_features that are not a multiple of 32.
+    _keep_in_fp32_modules = [
+        name + suffix
+        for name in ("mlstm_layer.igate", "mlstm_layer.fgate", "igate_preact", "fgate_preact")
+        for suffix in ("", ".weight")
+    ]
+
+    def _get_dtype_plan(self, dtype: torch.dtype) -> dict:
+        """As PreTrainedModel's, without the float16 upcast of `_keep_in_fp32_modules`: the layers feed the gates
+        activations in the model's dtype, so a float16 load keeps them in float16 (the gate math itself runs in
+        float32 after the projection). tests/test_quantisers.py fails if transformers renames this hook."""
+        plan = super()._get_dtype_plan(dtype)
+        for pattern in self._keep_in_fp32_modules:
+            plan.pop(pattern, None)
+        return plan
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *model_args: Any, **kwargs: Any) -> Any:
@@ -570,6 +590,23 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
     def get_decoder(self) -> xLSTMHFModel:
         return self.backbone
 
+    CONTINUOUS_BATCHING_REFUSED = (
+        "xLSTM does not support transformers' continuous batching (generate_batch, init_continuous_batching, "
+        "generate(cache_implementation='paged'), transformers serve --continuous-batching): it pages an attention "
+        "KV cache, and an xLSTM's state is one fixed-size recurrent state per sequence. Use generate() with a "
+        "left-padded batch (tokenizer padding_side='left', pass the attention_mask); a vLLM plugin is planned."
+    )
+
+    def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused before anything is built: the entry point of transformers' continuous batching
+        (`continuous_batching_context_manager`, `generate_batch` and `transformers serve` all start here), whose
+        manager would otherwise fail every request for want of attention heads in the config."""
+        raise NotImplementedError(self.CONTINUOUS_BATCHING_REFUSED)
+
+    def generate_batch(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused, as `init_continuous_batching`: raised before the prompts are read."""
+        raise NotImplementedError(self.CONTINUOUS_BATCHING_REFUSED)
+
     def _loss(
         self,
         z: torch.Tensor,
@@ -731,22 +768,19 @@ __all__ = [
 ]
 
 
-# PEFT's default LoRA targets for model_type "xlstm_hf": PEFT fills `target_modules=None` from its per-model-type
-# mappings (peft.utils.TRANSFORMERS_MODELS_TO_*_TARGET_MODULES_MAPPING, read when get_peft_model wraps the model), so
-# an entry makes `LoraConfig(task_type="CAUSAL_LM")` (DoRA included) work without naming modules. Registered here, in
-# the file that a Hub copy runs under trust_remote_code, not only when the package is imported. The targets are the
-# nn.Linear projections into and out of every mixer and feed-forward: the paper stack's block-diagonal q/k/v and sLSTM
-# gate maps are not nn.Linear, and the gate projections have one output per head.
-LORA_TARGET_MODULES = ["proj_up", "proj_up_gate", "proj_down", "q", "k", "v", "out_proj"]
-try:  # inside try: transformers' remote-code import scan then does not require peft
-    import peft.utils as _peft_utils
+# The Auto classes and PEFT's default LoRA targets, registered from this file so that a Hub copy run under
+# trust_remote_code registers them as `import xlstm_hf` does (registration.py says what transformers leaves undone).
+from .registration import LORA_TARGET_MODULES, register  # noqa: E402, F401  (xlstm_hf/__init__ imports it here)
 
-    for _name in (
-        "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",
-        "TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING",
-        "TRANSFORMERS_MODELS_TO_LOHA_TARGET_MODULES_MAPPING",
-        "TRANSFORMERS_MODELS_TO_LOKR_TARGET_MODULES_MAPPING",
-    ):
-        getattr(_peft_utils, _name, {}).setdefault(xLSTMConfig.model_type, list(LORA_TARGET_MODULES))
+register(xLSTMConfig, xLSTMModel, xLSTMForCausalLM)
+
+# Trainer(label_smoothing_factor > 0) shifts the labels for the smoothed loss only when `model._get_name()` is a value
+# of this static table (registering with AutoModelForCausalLM does not add to it); without the entry it smooths against
+# unshifted labels. Keyed by our own model_type, which is in no config table, so no Auto lookup resolves it.
+# tests/test_continuous_batching_and_smoothing.py fails if the Trainer stops shifting for this class.
+try:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(xLSTMConfig.model_type, xLSTMHFForCausalLM.__name__)
 except ImportError:
-    pass
+    logger.warning("transformers moved MODEL_FOR_CAUSAL_LM_MAPPING_NAMES: Trainer label smoothing may not shift labels")
