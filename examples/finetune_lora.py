@@ -89,7 +89,6 @@ def main() -> None:
         save_strategy="no",
         report_to="none",
         seed=0,
-        remove_unused_columns=False,  # keep position_ids, the document boundaries of the packed rows
     )
     args, training_args = parser.parse_args_into_dataclasses()
     set_seed(training_args.seed)

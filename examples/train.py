@@ -10,8 +10,8 @@ about 465 KB of English), one document per topic; with no `--tokenizer` a byte-l
 split and saved beside the model as a PreTrainedTokenizerFast. Documents are packed into full rows of `--block_size`
 tokens, each document starting from an empty recurrent state (`position_ids` restart at 0, as transformers'
 DataCollatorWithFlattening marks them), so no padding is computed. Every TrainingArguments flag works
-(`--gradient_checkpointing`, `--gradient_accumulation_steps`, `--bf16`, `--torch_compile`, `--resume_from_checkpoint`,
-`--fsdp`, ...); the defaults below are the main job's.
+(`--gradient_checkpointing`, passed on as `--activation_checkpointing`, `--gradient_accumulation_steps`, `--bf16`,
+`--torch_compile`, `--resume_from_checkpoint`, `--fsdp`, ...); the defaults below are the main job's.
 """
 
 from __future__ import annotations
@@ -132,16 +132,31 @@ def parse_args() -> tuple[ScriptArguments, TrainingArguments]:
         per_device_eval_batch_size=16,
         report_to="none",
         seed=0,
-        # position_ids (the document boundaries) is not a named argument of forward(): keep the column
-        remove_unused_columns=False,
         **preset["args"],
     )
-    script_args, training_args = parser.parse_args_into_dataclasses()
+    script_args, training_args = parser.parse_args_into_dataclasses(args=renamed_flags(sys.argv[1:]))
     if script_args.preset not in PRESETS:
         parser.error(f"--preset {script_args.preset!r}: expected one of {list(PRESETS)}")
     if script_args.architecture not in ARCHITECTURES:
         parser.error(f"--architecture {script_args.architecture!r}: expected one of {list(ARCHITECTURES)}")
     return script_args, training_args
+
+
+# transformers 5.24 renamed TrainingArguments' gradient_checkpointing* to activation_checkpointing* and warns that the
+# old names are deprecated: the flags this script has always documented are passed on under the new names.
+RENAMED_FLAGS = {
+    "--gradient_checkpointing": "--activation_checkpointing",
+    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
+}
+
+
+def renamed_flags(argv: list[str]) -> list[str]:
+    """`argv` with the old names of RENAMED_FLAGS replaced (`--flag value` and `--flag=value` alike)."""
+    renamed = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        renamed.append(RENAMED_FLAGS.get(flag, flag) + eq + value)
+    return renamed
 
 
 def _preset_from_argv(argv: list[str]) -> str:

@@ -1,3 +1,6 @@
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 
@@ -35,3 +38,14 @@ def left_padded(prompts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
         batch[row, width - len(p) :] = p
         mask[row, width - len(p) :] = 1
     return batch, mask
+
+
+@contextlib.contextmanager
+def raises_naming(*facts: str, error: type[Exception] = ValueError) -> Iterator[None]:
+    """pytest.raises(error) whose message names every one of `facts` (an argument, a value, a shape), in any
+    wording: the test checks what the message tells, not how it says it."""
+    with pytest.raises(error) as info:
+        yield
+    message = str(info.value)
+    missing = [fact for fact in facts if fact not in message]
+    assert not missing, f"the message does not name {missing}: {message!r}"

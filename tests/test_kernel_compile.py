@@ -42,6 +42,12 @@ try:  # triton's own launch-time specialisation (3.9; older releases name it dif
     from triton._C.libtriton import native_specialize_impl
 except ImportError:
     pytest.skip(f"triton {triton.__version__} has no native_specialize_impl", allow_module_level=True)
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+if isinstance(triton.language.standard.cdiv, InterpretedFunction):
+    # triton decorates its own library (tl.cdiv, tl.sigmoid, ...) for the interpreter when it is imported under
+    # TRITON_INTERPRET=1; a kernel that calls them then cannot be compiled for a GPU in this process
+    pytest.skip("triton was imported with TRITON_INTERPRET=1: nothing can be compiled", allow_module_level=True)
 from kernel_testing import matmul_precision  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.backends.nvidia.compiler import CUDABackend, get_ptxas, sm_arch_from_capability  # noqa: E402

@@ -6,6 +6,7 @@ float32 inside every form, so the forms agree to the bf16 rounding of the output
 
 import pytest
 import torch
+from conftest import raises_naming
 
 from xlstm_hf.mlstm_naive import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent, mlstm_recurrent_step
 
@@ -106,5 +107,5 @@ def test_extreme_gates_and_long_sequences_stay_finite(gate):
 
 def test_bad_initial_state_shape_raises():
     q, k, v, i, f = inputs(S=4)
-    with pytest.raises(ValueError, match="initial state C"):
+    with raises_naming("C", "(1, 2, 6, 10)", "(2, 2, 6, 10)"):
         mlstm_chunkwise(q, k, v, i, f, (torch.zeros(1, 2, 6, 10), torch.zeros(2, 2, 6), torch.zeros(2, 2)))

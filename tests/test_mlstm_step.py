@@ -67,11 +67,16 @@ def test_steps_continue_a_chunkwise_prefill():
         assert_rel_close(a, b, TOL, name)
 
 
-def test_step_refuses_autograd():
+def test_step_refuses_autograd_before_writing_the_state():
+    """The step writes the state in place and has no backward: an input that requires grad is refused, and the
+    state is left as it was."""
     inputs, st = make_inputs()
     inputs[0].requires_grad_()
-    with pytest.raises(RuntimeError, match="no backward"):
+    kept = [t.clone() for t in st]
+    with pytest.raises(RuntimeError):
         mlstm_step.mlstm_step_triton(*inputs, tuple(st))
+    for name, t, t0 in zip("Cnm", st, kept, strict=True):
+        assert torch.equal(t, t0), name
 
 
 def test_step_unsupported_shapes_name_the_reason():

@@ -12,6 +12,7 @@ Tolerances (relative L2 error, see kernel_testing.rel_err):
 
 import pytest
 import torch
+from conftest import raises_naming
 from kernel_testing import DEVICE, assert_rel_close, load_kernels
 
 from xlstm_hf.slstm_naive import slstm_recurrent
@@ -112,6 +113,6 @@ def test_slstm_unsupported_inputs_name_the_reason():
     x, r, _, _ = make_inputs(S=2)
     assert slstm_fused.slstm_unsupported(x, r) is None
     assert "float64" in slstm_fused.slstm_unsupported(x.double(), r)
-    assert "[NH, DH, 4 * DH]" in slstm_fused.slstm_unsupported(x, r[:, :-1])
-    with pytest.raises(ValueError, match=r"slstm_triton: x \(3, 2, 2, 48\)"):
+    assert str(tuple(r[:, :-1].shape)) in slstm_fused.slstm_unsupported(x, r[:, :-1])
+    with raises_naming(str(tuple(x.shape)), str(tuple(r[:, :-1].shape))):
         slstm_fused.slstm_triton(x, r[:, :-1])

@@ -78,7 +78,9 @@ class MultiHeadLayerNorm(LayerNorm):
 class CausalConv1d(nn.Module):
     """Depthwise causal conv over time with a state: the last KS - 1 inputs before the sequence.
 
-    x [B, S, D], conv_state [B, KS - 1, D] or None (zeros) -> y [B, S, D], new conv_state [B, KS - 1, D].
+    x [B, S, D], conv_state [B, KS - 1, D] or None (zeros), mask [B, S] bool or None -> y [B, S, D], new conv_state
+    [B, KS - 1, D]. A padded position (mask False) is skipped: the window of a real position holds the real inputs
+    before it, whether the padding is on the left or holes inside the row; y at a padded position is unspecified.
     """
 
     def __init__(self, dim: int, kernel_size: int):
@@ -87,7 +89,11 @@ class CausalConv1d(nn.Module):
         self.conv = nn.Conv1d(dim, dim, kernel_size, groups=dim, bias=True)
 
     def forward(
-        self, x: torch.Tensor, conv_state: torch.Tensor | None, docs: DocumentLayout | None = None
+        self,
+        x: torch.Tensor,
+        conv_state: torch.Tensor | None,
+        docs: DocumentLayout | None = None,
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """With `docs`: over every document of packed rows from zeros, and no window comes out."""
         if docs is not None:
@@ -95,10 +101,18 @@ class CausalConv1d(nn.Module):
         B, S, D = x.shape
         if conv_state is None:
             conv_state = x.new_zeros(B, self.kernel_size - 1, D)
+        real = None
+        if mask is not None:
+            # each row's real inputs first, in order, its padding after them: the conv then sees the row without it
+            order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[..., None].expand(B, S, D)
+            x, real = x.gather(1, order), mask.sum(1)  # real: [B] real inputs per row
         xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, KS - 1 + S, D]
         y = self.conv(xs.transpose(1, 2)).transpose(1, 2)
-        # a copy, not a view that would keep the whole [B, KS - 1 + S, D] input alive in the cache
-        return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :].contiguous()
+        if real is None:
+            # a copy, not a view that would keep the whole [B, KS - 1 + S, D] input alive in the cache
+            return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :].contiguous()
+        last = real[:, None] + torch.arange(self.kernel_size - 1, device=x.device)  # [B, KS - 1] up to the last real
+        return torch.empty_like(y).scatter_(1, order, y), xs.gather(1, last[..., None].expand(-1, -1, D))
 
 
 class HeadwiseLinear(nn.Module):
@@ -163,7 +177,7 @@ class mLSTMLayer(nn.Module):
         x_m, z = self.proj_up(x).chunk(2, dim=-1)  # [B, S, inner] each
         if mask is not None:  # padding must not enter the conv window
             x_m = x_m * mask[..., None].to(x_m.dtype)
-        x_c, conv_state = self.conv1d(x_m, conv_state, docs)
+        x_c, conv_state = self.conv1d(x_m, conv_state, docs, mask)
         x_c = F.silu(x_c)
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)  # [B, S, inner] each
         qkv = torch.cat([q, k, v], dim=-1)
@@ -240,7 +254,7 @@ class sLSTMLayer(nn.Module):
         x_c = x
         if self.conv1d is not None:
             x_in = x * mask[..., None].to(x.dtype) if mask is not None else x
-            x_c, conv_state = self.conv1d(x_in, conv_state, docs)
+            x_c, conv_state = self.conv1d(x_in, conv_state, docs, mask)
             x_c = F.silu(x_c)
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)  # [B, S, 4, D]
         gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH) + self.bias[:, None]
@@ -527,11 +541,13 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
 
         all_hidden = (x,) if output_hidden_states else None
         outs = []
-        for piece in self._pieces(S, docs, output_hidden_states):
+        pieces = self._pieces(S, docs, output_hidden_states)
+        carried = cache is not None or len(pieces) > 1  # the state goes on to the next piece or into the cache
+        for piece in pieces:
             h = x[:, piece]
             piece_mask = None if mask is None else mask[:, piece]
             for idx, block in enumerate(self.blocks):
-                h, states[idx] = block(h, piece_mask, states[idx], docs, return_state=cache is not None)
+                h, states[idx] = block(h, piece_mask, states[idx], docs, return_state=carried)
                 if output_hidden_states:
                     all_hidden += (h,)
             outs.append(h)
@@ -770,17 +786,6 @@ __all__ = [
 
 # The Auto classes and PEFT's default LoRA targets, registered from this file so that a Hub copy run under
 # trust_remote_code registers them as `import xlstm_hf` does (registration.py says what transformers leaves undone).
-from .registration import LORA_TARGET_MODULES, register  # noqa: E402, F401  (xlstm_hf/__init__ imports it here)
+from .registration import register  # noqa: E402
 
 register(xLSTMConfig, xLSTMModel, xLSTMForCausalLM)
-
-# Trainer(label_smoothing_factor > 0) shifts the labels for the smoothed loss only when `model._get_name()` is a value
-# of this static table (registering with AutoModelForCausalLM does not add to it); without the entry it smooths against
-# unshifted labels. Keyed by our own model_type, which is in no config table, so no Auto lookup resolves it.
-# tests/test_continuous_batching_and_smoothing.py fails if the Trainer stops shifting for this class.
-try:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(xLSTMConfig.model_type, xLSTMHFForCausalLM.__name__)
-except ImportError:
-    logger.warning("transformers moved MODEL_FOR_CAUSAL_LM_MAPPING_NAMES: Trainer label smoothing may not shift labels")

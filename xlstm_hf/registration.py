@@ -22,6 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 # PEFT fills `target_modules=None` from its per-model-type mappings (read when get_peft_model wraps the model), so an
 # entry makes `LoraConfig(task_type="CAUSAL_LM")` (DoRA included) work without naming modules. The targets are the
@@ -49,6 +50,11 @@ def register(
     config_class.register_for_auto_class()
     model_class.register_for_auto_class("AutoModel")
     causal_lm_class.register_for_auto_class("AutoModelForCausalLM")
+    # Trainer(label_smoothing_factor > 0) shifts the labels for the smoothed loss only when `model._get_name()` is a
+    # value of this static table (registering with AutoModelForCausalLM does not add to it); without the entry it
+    # smooths against unshifted labels. Keyed by our own model_type, which is in no config table, so no Auto lookup
+    # resolves it. tests/test_continuous_batching_and_smoothing.py fails if the Trainer stops shifting for this class.
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault(config_class.model_type, causal_lm_class.__name__)
     register_peft_targets(config_class.model_type)
 
 
