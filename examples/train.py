@@ -111,6 +111,9 @@ class ScriptArguments:
     max_eval_samples: int | None = field(default=None, metadata={"help": "keep only the first N evaluation rows"})
     prompt: str = field(default="The with statement", metadata={"help": "prompt of the sample generated at the end"})
     max_new_tokens: int = field(default=80, metadata={"help": "length of the sample"})
+    backend: str = field(
+        default="auto", metadata={"help": "the recurrences' implementation: auto (Triton on CUDA), triton or torch"}
+    )
     push_to_repo: str | None = field(
         default=None,
         metadata={"help": "push model, tokenizer and a model card (with these arguments and results) to this Hub repo"},
@@ -291,7 +294,7 @@ def build_config(args: ScriptArguments, vocab_size: int, tokenizer) -> xlstm_hf.
         try:
             fields[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
-            fields[key.strip()] = value.strip()  # a bare string, e.g. mlstm_kernel=parallel
+            fields[key.strip()] = value.strip()  # a bare string, e.g. ffn_activation=silu
     fields.update(
         vocab_size=vocab_size,
         bos_token_id=tokenizer.bos_token_id,
@@ -345,7 +348,7 @@ def main() -> None:
             "(tests/test_distributed.py shows FSDP2's fully_shard itself working on CPU with gloo)"
         )
     config = build_config(args, len(tokenizer), tokenizer)
-    model = xlstm_hf.xLSTMForCausalLM(config)
+    model = xlstm_hf.xLSTMForCausalLM(config, backend=args.backend)
     main_process = training_args.process_index == 0
     if main_process:
         n_params = sum(p.numel() for p in model.parameters())
