@@ -65,3 +65,16 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, n
     assert torch.equal(actual[~finite], expected[~finite]), f"{name}: different non-finite values"
     err = rel_err(actual[finite], expected[finite])
     assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+
+
+def use_kernels_in_recurrent_ops(monkeypatch) -> None:
+    """Hands `xlstm_hf.recurrent_ops` the Triton kernels as `load_kernels` imports them (interpreted without CUDA):
+    it imported the kernel functions before the interpreter could be switched on."""
+    from xlstm_hf import recurrent_ops
+
+    chunk, step, slstm = load_kernels("mlstm_chunk"), load_kernels("mlstm_step"), load_kernels("slstm_fused")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(recurrent_ops, "mlstm_chunkwise_triton", chunk.mlstm_chunkwise_triton)
+    monkeypatch.setattr(recurrent_ops, "mlstm_step_triton", step.mlstm_step_triton)
+    monkeypatch.setattr(recurrent_ops, "slstm_triton", slstm.slstm_triton)

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 from conftest import randomize_, tiny_config
-from kernel_testing import DEVICE, load_kernels
+from kernel_testing import DEVICE, use_kernels_in_recurrent_ops
 
 import xlstm_hf
 from xlstm_hf import recurrent_ops
@@ -21,12 +21,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 
 @pytest.fixture
 def triton_kernels(monkeypatch):
-    chunk, step, slstm = load_kernels("mlstm_chunk"), load_kernels("mlstm_step"), load_kernels("slstm_fused")
-    if DEVICE == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setattr(recurrent_ops, "mlstm_chunkwise_triton", chunk.mlstm_chunkwise_triton)
-    monkeypatch.setattr(recurrent_ops, "mlstm_step_triton", step.mlstm_step_triton)
-    monkeypatch.setattr(recurrent_ops, "slstm_triton", slstm.slstm_triton)
+    use_kernels_in_recurrent_ops(monkeypatch)
 
 
 def pair(architecture: str):
