@@ -38,6 +38,7 @@ TRANSFORMERS_FACING = [
     "tests/test_configuration.py",
     "tests/test_modeling.py",
     "tests/test_generation.py",
+    "tests/test_cache.py",
     "tests/test_training.py",
     "tests/test_peft.py",
     "tests/test_convert.py",
