@@ -26,6 +26,7 @@ A step (S = 1) of a sequence op runs the step. Whenever a route leaves the imple
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 from transformers.utils import logging
@@ -72,13 +73,21 @@ def _wants_triton(backend: str, t: torch.Tensor) -> bool:
     return check_backend(backend) == "triton" or (backend == "auto" and t.is_cuda)
 
 
-def _triton_refusal(t: torch.Tensor, refused: str | None) -> str | None:
-    """Why Triton cannot run an op on `t` (None: it can); `refused` is the kernel's own reason for the shapes."""
+def _triton_runs(backend: str, t: torch.Tensor, op: str, refused: Callable[[], str | None]) -> bool:
+    """Step 3 of the routing: whether the Triton kernel of `op` runs on inputs like `t`. `refused()` is the kernel's
+    own reason not to take these inputs (None: it takes them); where Triton was asked for and cannot run, warns."""
+    if not _wants_triton(backend, t):
+        return False
     if not HAS_TRITON:
-        return "triton is not installed (pip install triton)"
-    if not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), inputs are on {t.device.type}"
-    return None if refused is None else f"the kernel does not take {refused}"
+        why = "triton is not installed (pip install triton)"
+    elif not t.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        why = f"the kernels need a CUDA device (or TRITON_INTERPRET=1), inputs are on {t.device.type}"
+    else:
+        reason = refused()
+        why = None if reason is None else f"the kernel does not take {reason}"
+    if why is not None:
+        fall_back(f'backend="{backend}", {op}', why, "the PyTorch implementation")
+    return why is None
 
 
 def _traced_route(backend: str, t: torch.Tensor, op: str, runs: str | None = None) -> str | None:
@@ -152,11 +161,8 @@ def mlstm_sequence(
         return mlstm_parallel(q, k, v, i, f, initial_state, eps=eps, empty_m=empty_m)
     if route == "func":
         return mlstm_chunkwise(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps, empty_m=empty_m)
-    if _wants_triton(backend, q):
-        why = _triton_refusal(q, mlstm_chunkwise_unsupported(q, v, chunk_size))
-        if why is None:
-            return mlstm_chunkwise_triton(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps, empty_m=empty_m)
-        fall_back(f'backend="{backend}", {op}', why, "the PyTorch implementation")
+    if _triton_runs(backend, q, op, lambda: mlstm_chunkwise_unsupported(q, v, chunk_size)):
+        return mlstm_chunkwise_triton(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps, empty_m=empty_m)
     return mlstm_chunkwise_torch(q, k, v, i, f, initial_state, chunk_size=chunk_size, eps=eps, empty_m=empty_m)
 
 
@@ -180,14 +186,12 @@ def mlstm_step(
     if state is None:
         state = empty_state(q.shape[0], q.shape[1], q.shape[-1], v.shape[-1], empty_m, q.device)
     op = "mLSTM step"
-    if _traced_route(backend, q, op) is None and _wants_triton(backend, q):
-        if torch.is_grad_enabled():
-            why = "the fused step has no backward (gradients are enabled)"
-        else:
-            why = _triton_refusal(q, mlstm_step_unsupported(q, v))
-        if why is None:
-            return mlstm_step_triton(q, k, v, i, f, state, eps)
-        fall_back(f'backend="{backend}", {op}', why, "the PyTorch implementation")
+
+    def refused() -> str | None:
+        return "gradients (the fused step has no backward)" if torch.is_grad_enabled() else mlstm_step_unsupported(q, v)
+
+    if _traced_route(backend, q, op) is None and _triton_runs(backend, q, op, refused):
+        return mlstm_step_triton(q, k, v, i, f, state, eps)
     return mlstm_recurrent_step(q, k, v, i, f, state, eps)
 
 
@@ -213,11 +217,8 @@ def slstm_sequence(
     route = _traced_route(backend, x, op)
     if route == "export" and isinstance(x.shape[2], torch.SymInt):
         return slstm_scan(x, r, initial_state, mask)  # a traced length: one scan op, not a loop unrolled at one length
-    if route is None and _wants_triton(backend, x):
-        why = _triton_refusal(x, slstm_unsupported(x, r))
-        if why is None:
-            return slstm_triton(x, r, initial_state, mask)
-        fall_back(f'backend="{backend}", {op}', why, "the PyTorch implementation")
+    if route is None and _triton_runs(backend, x, op, lambda: slstm_unsupported(x, r)):
+        return slstm_triton(x, r, initial_state, mask)
     return slstm_recurrent(x, r, initial_state, mask)
 
 
@@ -232,12 +233,11 @@ def slstm_step(
     """One token: x [B, NH, 4 * DH]; r [NH, DH, 4 * DH]; state (h, c, n, m) or None (empty); mask [B] bool.
     Returns h [B, NH, DH] in x's dtype and the new state."""
     op = "sLSTM step"
-    if _traced_route(backend, x, op) is None and _wants_triton(backend, x):
-        why = _triton_refusal(x, slstm_unsupported(x[:, :, None], r))
-        if why is None:
-            h, state = slstm_triton(x[:, :, None], r, state, None if mask is None else mask[:, None])
-            return h[:, :, 0], state
-        fall_back(f'backend="{backend}", {op}', why, "the PyTorch implementation")
+    if _traced_route(backend, x, op) is None and _triton_runs(
+        backend, x, op, lambda: slstm_unsupported(x[:, :, None], r)
+    ):
+        h, state = slstm_triton(x[:, :, None], r, state, None if mask is None else mask[:, None])
+        return h[:, :, 0], state
     if state is None:
         state = slstm_empty_state(x.shape[0], r.shape[0], r.shape[1], x.device)
     h, state = slstm_recurrent_step(x, r, state, mask)
