@@ -62,16 +62,20 @@ class xLSTMCacheLayer(CacheLayerMixin):
     def set_state(self, state: tuple[torch.Tensor | None, ...], state_dtype: torch.dtype) -> None:
         """state: (*recurrent, conv window or None) as a block returns it."""
         *recurrent, conv = state
-        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in state)
+        self._write([t.to(state_dtype) for t in recurrent], conv)
+        if not self.filled:
+            self.filled = True
+
+    def _write(self, recurrent: list[torch.Tensor], conv: torch.Tensor | None) -> None:
+        """Each state tensor into its buffer (`_store`)."""
+        tracked = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*recurrent, conv))
         if len(self.recurrent) != len(recurrent):
             self.recurrent = [None] * len(recurrent)
         for j, t in enumerate(recurrent):
-            if (fresh := _store(self.recurrent[j], t.to(state_dtype), tracked)) is not None:
+            if (fresh := _store(self.recurrent[j], t, tracked)) is not None:
                 self.recurrent[j] = fresh
         if conv is not None and (fresh := _store(self.conv, conv, tracked)) is not None:
             self.conv = fresh
-        if not self.filled:
-            self.filled = True
 
     @property
     def device(self) -> torch.device | None:
@@ -89,14 +93,9 @@ class xLSTMCacheLayer(CacheLayerMixin):
         """Select batch rows (beam search), in place where the number of rows stays the same."""
         if not self.filled:
             return
-        state = tuple(t for t in (*self.recurrent, self.conv) if t is not None)
-        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in state)
         rows = beam_idx.to(self.device)
-        for j, t in enumerate(self.recurrent):
-            if (fresh := _store(t, t.index_select(0, rows), tracked)) is not None:
-                self.recurrent[j] = fresh
-        if self.conv is not None and (fresh := _store(self.conv, self.conv.index_select(0, rows), tracked)) is not None:
-            self.conv = fresh
+        conv = None if self.conv is None else self.conv.index_select(0, rows)
+        self._write([t.index_select(0, rows) for t in self.recurrent], conv)
 
     def get_seq_length(self) -> int:
         raise NotImplementedError("xLSTMCacheLayer: the token count is the cache's, xLSTMCache.get_seq_length()")
