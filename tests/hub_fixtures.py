@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +45,29 @@ except ImportError:
 else:
     sys.exit(f"xlstm_hf is importable from {xlstm_hf.__file__}")
 """
+
+
+def run_without_the_package(
+    script: str, *args: str, tmp: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs a child script that starts with WITHOUT_THE_PACKAGE: `python -I` in `tmp / "no_package"`, stdin closed (a
+    trust_remote_code prompt fails instead of waiting). `env` defaults to this process's, offline, with an HF home and
+    a remote-code module cache of its own under `tmp`."""
+    workdir = tmp / "no_package"
+    workdir.mkdir(exist_ok=True)
+    if env is None:
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
+        env.update(HF_HOME=str(tmp / "hf_home"), HF_MODULES_CACHE=str(tmp / "modules"), HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, "-I", "-c", script, *args],
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
 
 TOKEN = "hf_local_test_token"
 

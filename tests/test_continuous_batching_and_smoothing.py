@@ -12,16 +12,13 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import raises_naming, randomize_, tiny_config
-from hub_fixtures import WITHOUT_THE_PACKAGE
+from hub_fixtures import WITHOUT_THE_PACKAGE, run_without_the_package
 
 import xlstm_hf
 
@@ -193,19 +190,7 @@ print(json.dumps({"module": type(model).__module__, "loss": loss.item(), "expect
 def test_remote_code_load_shifts_the_labels(tmp_path):
     checkpoint = tmp_path / "checkpoint"
     make("paper").save_pretrained(checkpoint)
-    workdir = tmp_path / "no_package"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", REMOTE_CHILD, str(checkpoint)],
-        cwd=workdir,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_without_the_package(REMOTE_CHILD, str(checkpoint), tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules."), report["module"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import raises_naming
-from hub_fixtures import WITHOUT_THE_PACKAGE
+from hub_fixtures import WITHOUT_THE_PACKAGE, run_without_the_package
 from huggingface_hub import HfApi
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError
@@ -227,19 +226,11 @@ print(json.dumps({
 @pytest.fixture(scope="module")
 def remote_code_child(pushed, module_local_hub, tmp_path_factory) -> tuple[dict, dict[str, torch.Tensor]]:
     module_local_hub.fresh_cache()
-    workdir = tmp_path_factory.mktemp("no_package")
-    out = workdir / "logits.safetensors"
+    tmp = tmp_path_factory.mktemp("remote_code")
+    out = tmp / "logits.safetensors"
     interpret = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
     args = [REPO, json.dumps(pushed.input_ids.tolist()), str(out), TEXT, json.dumps(KERNELS)]
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", CHILD, *args],
-        cwd=workdir,
-        env=module_local_hub.subprocess_env(**interpret),
-        stdin=subprocess.DEVNULL,  # a trust_remote_code prompt fails instead of waiting
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_without_the_package(CHILD, *args, tmp=tmp, env=module_local_hub.subprocess_env(**interpret))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.strip(), proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), load_file(out)

@@ -5,13 +5,10 @@ the checkpoint carries must register, and the adapter trains.
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 from conftest import randomize_, tiny_config
-from hub_fixtures import WITHOUT_THE_PACKAGE
+from hub_fixtures import WITHOUT_THE_PACKAGE, run_without_the_package
 
 import xlstm_hf
 
@@ -60,19 +57,7 @@ def test_default_lora_targets_without_the_package(tmp_path, architecture):
     checkpoint = tmp_path / "checkpoint"
     randomize_(xlstm_hf.xLSTMForCausalLM(tiny_config(architecture))).save_pretrained(checkpoint)
     assert (checkpoint / "modeling_xlstm.py").is_file()  # register_for_auto_class copies the modeling files
-    workdir = tmp_path / "no_package"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-I", "-c", CHILD, str(checkpoint)],
-        cwd=workdir,
-        env=env,
-        stdin=subprocess.DEVNULL,  # a trust_remote_code prompt fails instead of waiting
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    proc = run_without_the_package(CHILD, str(checkpoint), tmp=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["class"].startswith("transformers_modules."), report["class"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import randomize_, tiny_config
-from hub_fixtures import WITHOUT_THE_PACKAGE
+from hub_fixtures import WITHOUT_THE_PACKAGE, run_without_the_package
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Trainer, TrainingArguments, pipeline
 
@@ -32,18 +32,6 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
-
-
-def run_child(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-I", "-c", script, *args],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,  # a trust_remote_code prompt fails instead of waiting
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
 
 
 # The order of a user's script: the model (remote code), then the tokenizer without trust_remote_code, the pipeline,
@@ -87,11 +75,7 @@ def remote_code_run(tmp_path_factory) -> tuple[dict, dict[str, str]]:
     checkpoint = tmp / "checkpoint"
     randomize_(xlstm_hf.xLSTMForCausalLM(tiny_config("paper"))).save_pretrained(checkpoint)
     tiny_tokenizer().save_pretrained(checkpoint)
-    workdir = tmp / "no_package"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP")}
-    env.update(HF_HOME=str(tmp / "hf_home"), HF_MODULES_CACHE=str(tmp / "modules"), HF_HUB_OFFLINE="1")
-    proc = run_child(REMOTE_CHILD, str(checkpoint), TEXT, cwd=workdir, env=env)
+    proc = run_without_the_package(REMOTE_CHILD, str(checkpoint), TEXT, tmp=tmp)
     assert proc.returncode == 0, proc.stderr[-4000:]
     sections = {"model": ""}
     name = "model"
