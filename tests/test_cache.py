@@ -11,7 +11,7 @@ import inspect
 import pytest
 import torch
 import transformers
-from conftest import randomize_, tiny_config
+from conftest import raises_naming, randomize_, tiny_config
 from transformers import Cache, CacheLayerMixin, GenerationMixin
 
 import xlstm_hf
@@ -175,12 +175,60 @@ def test_reorder_cache_selects_rows_in_place():
     assert cache.batch_size == 2 and all(t.shape[0] == 2 for state in cache.states for t in state)
 
 
-def test_rollback_is_refused_with_a_clear_message():
+def states_close(a: xlstm_hf.xLSTMCache, b: xlstm_hf.xLSTMCache) -> bool:
+    pairs = [(s, t) for x, y in zip(a.states, b.states, strict=True) for s, t in zip(x, y, strict=True)]
+    return all((s is None) == (t is None) for s, t in pairs) and all(
+        torch.allclose(s.float(), t.float(), atol=1e-5, rtol=1e-4) for s, t in pairs if s is not None
+    )
+
+
+@pytest.mark.parametrize("architecture", ["paper", "7b"])
+def test_a_recording_cache_rolls_back_to_the_state_after_any_prefix(architecture):
+    """crop(-r) after a recording forward gives the state a plain forward of the first tokens gives, for every r
+    the forward can remove (the conv windows included), and the token count follows."""
+    model = make(architecture=architecture)
+    prompt, more = torch.randint(1, 96, (2, 9)), torch.randint(1, 96, (2, 5))
+    with torch.no_grad():
+        for r in range(6):
+            cache = model(prompt, use_cache=True).cache
+            cache.activate_past_recording(recurrent_states_to_keep=5)
+            assert cache.is_croppable and not cache.is_compileable
+            model(more, cache=cache, use_cache=True)
+            cache.crop(-r)
+            want = model(torch.cat([prompt, more[:, : 5 - r]], 1), use_cache=True).cache
+            assert cache.get_seq_length() == want.get_seq_length() == 14 - r
+            assert states_close(cache, want), f"crop(-{r})"
+
+
+def test_rollback_over_several_one_token_forwards_and_from_the_empty_state():
+    """A draft model records one forward per token before its crop; a recording prefill keeps only what a crop
+    may remove; rolling back over every token of a recording cache's first forward empties it."""
+    model = make()
+    ids = torch.randint(1, 96, (1, 12))
+    with torch.no_grad():
+        cache = xlstm_hf.xLSTMCache(model.config, 1)
+        cache.activate_past_recording(recurrent_states_to_keep=3)
+        model(ids[:, :2], cache=cache, use_cache=True)
+        cache.crop(-2)
+        assert cache.get_seq_length() == 0 and cache.states == [None] * len(cache)
+        model(ids[:, :8], cache=cache, use_cache=True)  # 8 tokens: only the last 3 can be removed
+        for t in range(8, 11):
+            model(ids[:, t : t + 1], cache=cache, use_cache=True)
+        cache.crop(-3)
+        assert states_close(cache, model(ids[:, :8], use_cache=True).cache)
+        model(ids[:, 8:12], cache=cache, use_cache=True)
+        with raises_naming("4", "3"):  # the forward recorded the states of 3 tokens back, not 4
+            cache.crop(-4)
+
+
+def test_crop_refuses_what_it_cannot_do():
     cache = filled(make())
+    assert not cache.is_croppable
     cache.crop(0)  # nothing to remove: allowed
-    for call in (lambda: cache.crop(1), lambda: cache.activate_past_recording(recurrent_states_to_keep=2)):
-        with pytest.raises(ValueError, match="cannot roll its recurrent state back"):
-            call()
+    with raises_naming("crop(-1)", "activate_past_recording"):
+        cache.crop(-1)
+    with raises_naming("crop(3)"):
+        cache.crop(3)
 
 
 def test_detach_drops_the_graph_and_keeps_the_values():

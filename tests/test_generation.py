@@ -1,5 +1,6 @@
 """generate() on the recurrent cache: exactness, every decoding strategy, constant memory, long prompts."""
 
+import copy
 import string
 import subprocess
 import sys
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import left_padded, randomize_, tiny_config
-from transformers import PreTrainedTokenizerFast, TextStreamer
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
 
 import xlstm_hf
+from xlstm_hf.cache_xlstm import HAS_ROLLBACK_PROTOCOL
 
 FAMILIES = {"mixed": dict(architecture="paper"), "slstm": dict(slstm_at=[0, 1, 2]), "7b": dict(architecture="7b")}
 # float32: step form vs chunkwise form of the same recurrence. Two chunkwise implementations (autograd reference and
@@ -136,12 +138,6 @@ def test_cache_memory_is_constant_in_generated_length():
 def test_unsupported_strategy_and_bad_arguments_raise():
     model = make()
     prompt = torch.randint(1, 96, (1, 5))
-    # transformers < 5.25 refuses stateful models itself; 5.25 asks the cache to record its past, which ours refuses
-    refused = "assisted generation is not supported with stateful models|cannot roll its recurrent state back"
-    with pytest.raises(ValueError, match=refused):
-        model.generate(prompt, max_new_tokens=3, prompt_lookup_num_tokens=2)
-    with pytest.raises(ValueError, match=refused):
-        model.generate(prompt, max_new_tokens=3, assistant_model=make())
     with pytest.raises(ValueError, match="S > 0"):
         model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=3)
     cache = model(torch.randint(1, 96, (2, 4)), use_cache=True).cache
@@ -160,6 +156,117 @@ def test_unsupported_strategy_and_bad_arguments_raise():
         on_meta.update_state(idx, tuple(None if t is None else t.to("meta") for t in state))
     with pytest.raises(ValueError, match="cache holds its states on meta"):
         model(torch.randint(1, 96, (2, 1)), cache=on_meta)
+
+
+# Speculative decoding: the target verifies a draft's k candidates in one forward over k + 1 tokens, and its cache
+# rolls back to the state after the accepted ones (transformers >= 5.25).
+needs_rollback = pytest.mark.skipif(not HAS_ROLLBACK_PROTOCOL, reason="transformers < 5.25 has no cache rollback")
+
+
+def llama(seed: int = 1) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    return randomize_(LlamaForCausalLM(config), 0.3).eval()
+
+
+def opposite(model: xlstm_hf.xLSTMForCausalLM) -> xlstm_hf.xLSTMForCausalLM:
+    """A draft whose every candidate is the target's least likely token: none is ever accepted."""
+    draft = copy.deepcopy(model)
+    with torch.no_grad():
+        draft.lm_head.weight.neg_()
+    return draft
+
+
+def forward_lengths(model: torch.nn.Module) -> list[int]:
+    """The number of tokens of each forward of `model` from now on."""
+    lengths: list[int] = []
+    model.register_forward_pre_hook(
+        lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    return lengths
+
+
+def copy_task_prompt() -> torch.Tensor:
+    """A prompt whose continuation (under these random models) copies n-grams of it, and some that do not."""
+    text = torch.randint(1, 96, (1, 10))
+    return torch.cat([text, text, text[:, :4]], dim=1)
+
+
+@needs_rollback
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("draft", ["itself", "opposite", "other xlstm", "llama"])
+def test_assisted_generation_equals_greedy(family, draft):
+    """An xLSTM target with an xLSTM draft (all candidates accepted, none, some) and with a Llama draft: the tokens
+    of plain greedy decoding, k candidates verified in one forward of k + 1 tokens, and the state after them the one
+    plain decoding leaves."""
+    model, prompt, new, k = make(family), copy_task_prompt(), 17, 4
+    assistant = {
+        "itself": lambda: copy.deepcopy(model),
+        "opposite": lambda: opposite(model),
+        "other xlstm": lambda: make(family),
+        "llama": lambda: llama(),
+    }[draft]()
+    # k candidates every round (no early stop of the draft on its confidence)
+    assistant.generation_config.update(num_assistant_tokens=k, assistant_confidence_threshold=0.0)
+    greedy = model.generate(prompt, max_new_tokens=new, do_sample=False, return_dict_in_generate=True)
+    lengths = forward_lengths(model)
+    out = model.generate(
+        prompt, max_new_tokens=new, do_sample=False, assistant_model=assistant, return_dict_in_generate=True
+    )
+    assert torch.equal(out.sequences, greedy.sequences)
+    assert lengths[0] == prompt.shape[1] + k and all(n <= k + 1 for n in lengths[1:])
+    if draft == "itself":  # every candidate accepted: k + 1 tokens a forward
+        assert len(lengths) == -(-new // (k + 1))
+    if draft == "opposite":  # none accepted: one new token a forward
+        assert len(lengths) == new and lengths[1] == k + 1
+    assert out.cache.get_seq_length() == greedy.cache.get_seq_length()
+    for got, want in zip(out.cache.states, greedy.cache.states, strict=True):
+        for s, t in zip(got, want, strict=True):
+            assert (s is None) == (t is None) and (s is None or torch.allclose(s, t, **LOGIT_TOL))
+
+
+@needs_rollback
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_prompt_lookup_decoding_equals_greedy(family):
+    """Candidates looked up in the prompt and the text so far are verified; the tokens are greedy's (the "slstm"
+    model falls into a loop, which prompt lookup then copies: accepted candidates)."""
+    model, prompt, new = make(family), copy_task_prompt(), 40
+    greedy = model.generate(prompt, max_new_tokens=new, do_sample=False)
+    lengths = forward_lengths(model)
+    looked_up = model.generate(prompt, max_new_tokens=new, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(looked_up, greedy)
+    assert max(lengths[1:]) == 4  # 3 candidates verified in one forward
+    if family == "slstm":
+        assert len(lengths) < new  # fewer forwards than tokens: candidates accepted
+
+
+@needs_rollback
+@pytest.mark.parametrize("family", ["mixed", "7b"])
+def test_xlstm_drafts_for_a_llama_target(family):
+    """An xLSTM as the assistant of another model: its cache records its steps and rolls back to the accepted ones."""
+    target, draft = llama(), make(family)
+    draft.generation_config.update(num_assistant_tokens=3, assistant_confidence_threshold=0.0)
+    prompt = copy_task_prompt()
+    greedy = target.generate(prompt, max_new_tokens=15, do_sample=False)
+    assert torch.equal(target.generate(prompt, max_new_tokens=15, do_sample=False, assistant_model=draft), greedy)
+    itself = copy.deepcopy(model := make(family))
+    itself.generation_config.update(num_assistant_tokens=3, assistant_confidence_threshold=0.0)
+    greedy = model.generate(prompt, max_new_tokens=15, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=15, do_sample=False, assistant_model=itself), greedy)
+
+
+@pytest.mark.skipif(HAS_ROLLBACK_PROTOCOL, reason="this transformers has the cache rollback protocol")
+def test_speculative_decoding_is_refused_without_the_rollback_protocol():
+    """transformers 5.24 refuses stateful models itself, before our cache hook refuses them naming the release."""
+    model, prompt = make(), torch.randint(1, 96, (1, 5))
+    refused = "assisted generation is not supported with stateful models|transformers >= 5.25"
+    with pytest.raises(ValueError, match=refused):
+        model.generate(prompt, max_new_tokens=3, prompt_lookup_num_tokens=2)
+    with pytest.raises(ValueError, match=refused):
+        model.generate(prompt, max_new_tokens=3, assistant_model=make())
 
 
 def test_generate_continues_from_a_cache():

@@ -74,6 +74,40 @@ def test_one_position_of_a_sequence_is_the_step(op):
 
 
 @pytest.mark.parametrize("op", ["mlstm", "slstm"])
+@pytest.mark.parametrize("last", [1, 4, 13, 20])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sequence_states_are_the_states_after_each_prefix(op, last, padded):
+    """`*_sequence_states` (a verification forward of speculative decoding) returns the sequence op's outputs and,
+    for each of the last `last` positions (all of them when `last` >= S), the final state of the sequence cut
+    there."""
+    S = 13
+    mask = None
+    if padded:
+        mask = torch.ones(2, S, dtype=torch.bool)
+        mask[0, [2, 11]] = False
+        mask[1, 0] = False
+    if op == "mlstm":
+        inputs, state = mlstm_inputs(S=S), random_mlstm_state()
+        state = (state[0], state[1], state[2].abs())
+        h, states = recurrent_ops.mlstm_sequence_states(*inputs, state, last=last, mask=mask, chunk_size=4)
+        sequence = lambda *a, mask: recurrent_ops.mlstm_sequence(*a, state, mask=mask, chunk_size=4)  # noqa: E731
+    else:
+        x, r = slstm_inputs(S=S)
+        inputs, state = (x,), random_slstm_state()
+        h, states = recurrent_ops.slstm_sequence_states(x, r, state, last=last, mask=mask)
+        sequence = lambda x, mask: recurrent_ops.slstm_sequence(x, r, state, mask=mask)  # noqa: E731
+    h_ref, _ = sequence(*inputs, mask=mask)
+    real = (torch.ones(2, S, dtype=torch.bool) if mask is None else mask)[:, None, :, None]  # h: only real positions
+    torch.testing.assert_close(h * real, h_ref * real, **TOL)
+    assert len(states) == min(last, S)
+    for j, got in zip(range(S - len(states), S), states, strict=True):
+        cut = tuple(t[:, :, : j + 1] for t in inputs)
+        _, want = sequence(*cut, mask=None if mask is None else mask[:, : j + 1])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("op", ["mlstm", "slstm"])
 def test_padded_positions_leave_the_state_alone(op):
     """A mask with holes (and a padded end) gives, at the real positions, the outputs of the sequence without the
     padded positions, and its final state."""

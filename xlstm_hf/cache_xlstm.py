@@ -11,6 +11,10 @@ from transformers import Cache, CacheLayerMixin
 
 from .configuration_xlstm import xLSTMConfig
 
+# transformers >= 5.25: recurrent caches record their past and roll back (`activate_past_recording`, `crop`), which
+# assisted and prompt-lookup decoding need
+HAS_ROLLBACK_PROTOCOL = hasattr(Cache, "get_recurrent_states_to_keep")
+
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Same device type, and the same index where both name one ("cuda" matches "cuda:0")."""
@@ -43,10 +47,13 @@ class xLSTMCacheLayer(CacheLayerMixin):
 
     Not a key/value layer: `update` and `lazy_initialization` refuse, and the token count is the cache's (one for
     every block). Not a `LinearAttentionCacheLayerMixin` either, so `Cache.is_linear` is False for it and generate()
-    passes only the tokens a continued prompt adds beyond `get_seq_length()`."""
+    passes only the tokens a continued prompt adds beyond `get_seq_length()`.
 
-    is_compileable = True  # fixed shapes after the prefill, updated in place
-    is_croppable = False  # a recurrent state after k tokens does not give the state after fewer
+    Rollback (transformers' protocol for recurrent caches, speculative decoding): after `activate_past_recording`,
+    `record_past` is True and a forward records, besides the final state, the states after its last positions
+    (`history`: `history[-r]` is the state with the last r tokens removed, None for the empty state), at most
+    `recurrent_states_to_keep` of them; `rollback(r)` restores one and forgets the rest."""
+
     supports_early_init = False  # the shapes are the block's: nothing to allocate before the prefill
 
     def __init__(self):
@@ -54,6 +61,53 @@ class xLSTMCacheLayer(CacheLayerMixin):
         self.recurrent: list[torch.Tensor] = []
         self.conv: torch.Tensor | None = None
         self.filled = False
+        self.record_past = False  # the attribute transformers turns off when it hands a recording cache back
+        self.recurrent_states_to_keep = 1
+        self.history: list[tuple[torch.Tensor | None, ...] | None] = []
+
+    @property
+    def is_compileable(self) -> bool:
+        """Fixed shapes after the prefill, updated in place; not while recording (the history is a growing list)."""
+        return not self.record_past
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether `crop` can put the layer back as it was: while recording."""
+        return self.record_past
+
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
+        self.record_past = True
+        self.recurrent_states_to_keep = max(1, recurrent_states_to_keep or 1)
+        self.history = []
+
+    def record(self, states: list[tuple[torch.Tensor | None, ...]], tokens: int, state_dtype: torch.dtype) -> None:
+        """states: the states after each of the last len(states) positions of a forward over `tokens` tokens (oldest
+        first). The last becomes the state; the others, with the state before them where they are all the forward's
+        positions, go into the history."""
+        if len(states) == tokens:  # every position: the history goes on from the state before the forward
+            before = None if not self.filled else tuple(None if t is None else t.clone() for t in self.state())
+            history = [*self.history, before, *states[:-1]]
+        else:
+            history = list(states[:-1])
+        self.history = history[-self.recurrent_states_to_keep :]  # a crop removes at most that many
+        self.set_state(states[-1], state_dtype)
+
+    def rollback(self, tokens: int, state_dtype: torch.dtype) -> None:
+        """Back to the state before the last `tokens` tokens (0: keep the state), and forget the history."""
+        history, self.history = self.history, []
+        if tokens == 0:
+            return
+        if tokens > len(history):
+            raise ValueError(
+                f"xLSTMCache.crop: cannot remove {tokens} tokens, the cache recorded the states of the last "
+                f"{len(history)} (recurrent_states_to_keep={self.recurrent_states_to_keep} in "
+                "activate_past_recording)"
+            )
+        state = history[-tokens]
+        if state is None:
+            self.filled = False
+        else:
+            self.set_state(state, state_dtype)
 
     def state(self) -> tuple[torch.Tensor | None, ...] | None:
         """(*recurrent, conv window or None), or None while empty."""
@@ -88,6 +142,7 @@ class xLSTMCacheLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.filled = False
+        self.history = []
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search), in place where the number of rows stays the same."""
@@ -96,6 +151,10 @@ class xLSTMCacheLayer(CacheLayerMixin):
         rows = beam_idx.to(self.device)
         conv = None if self.conv is None else self.conv.index_select(0, rows)
         self._write([t.index_select(0, rows) for t in self.recurrent], conv)
+        self.history = [
+            None if s is None else tuple(None if t is None else t.index_select(0, rows) for t in s)
+            for s in self.history
+        ]
 
     def get_seq_length(self) -> int:
         raise NotImplementedError("xLSTMCacheLayer: the token count is the cache's, xLSTMCache.get_seq_length()")
@@ -120,8 +179,9 @@ class xLSTMCache(Cache):
     the count is a tensor updated in place, so a compiled decoding step does not recompile for every token."""
 
     ROLLBACK_REFUSED = (
-        "xLSTM cannot roll its recurrent state back to fewer tokens: assisted generation and prompt lookup decoding "
-        "are not supported (use greedy, sampling or beam search)"
+        "assisted generation and prompt lookup decoding need transformers' rollback protocol for recurrent caches "
+        "(Cache.get_recurrent_states_to_keep, transformers >= 5.25); this transformers has none: upgrade it, or use "
+        "greedy, sampling or beam search"
     )
 
     def __init__(
@@ -205,16 +265,40 @@ class xLSTMCache(Cache):
                 "(or start a new one)"
             )
 
-    def activate_past_recording(self, **kwargs) -> None:
-        """What generate() calls before assisted or prompt-lookup decoding (and on the assistant's cache), to crop
-        the cache back to the accepted tokens later. The chunkwise form makes no state between its inputs' tokens, so
-        those strategies are refused (transformers < 5.25 refuses stateful models itself)."""
-        raise ValueError(self.ROLLBACK_REFUSED)
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        """What generate() calls before assisted or prompt-lookup decoding (and on the assistant's cache): from now
+        on, each forward also keeps the states after its last positions, up to `recurrent_states_to_keep` tokens
+        back, so that `crop` can return to the state after the accepted tokens."""
+        for layer in self.layers:
+            layer.activate_past_recording(recurrent_states_to_keep)
+
+    def positions_to_record(self, tokens: int) -> int:
+        """How many of a forward's last positions must return their states (0: not recording): the candidates of a
+        verification forward, never more than a crop can remove, plus the position before them."""
+        keep = [layer.recurrent_states_to_keep for layer in self.layers if layer.record_past]
+        return min(tokens, max(keep) + 1) if keep else 0
+
+    def record_states(self, layer_idx: int, states: list[tuple[torch.Tensor | None, ...]], tokens: int) -> None:
+        """A recording forward's states for one block (see `xLSTMCacheLayer.record`)."""
+        self.layers[layer_idx].record(states, tokens, self.state_dtype)
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Only a no-op crop: the state after fewer tokens is gone."""
-        if tokens_to_remove != 0:
-            raise ValueError(self.ROLLBACK_REFUSED)
+        """transformers' rollback of a recurrent cache: `crop(-r)` returns to the state before the last r tokens
+        (recorded since `activate_past_recording`); `crop(0)` keeps the state and forgets the recorded ones."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"xLSTMCache.crop({tokens_to_remove}): a recurrent cache is cropped by minus the number of tokens to "
+                "remove (crop(-r)), as transformers' linear-attention caches; it cannot be cut to a length"
+            )
+        tokens = -tokens_to_remove
+        if tokens and not all(layer.record_past for layer in self.layers):
+            raise ValueError(
+                f"xLSTMCache.crop({tokens_to_remove}): the cache is not recording its past states; call "
+                "activate_past_recording(recurrent_states_to_keep=...) before the forwards to roll back"
+            )
+        for layer in self.layers:
+            layer.rollback(tokens, self.state_dtype)
+        self.seen_tokens.sub_(tokens)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""

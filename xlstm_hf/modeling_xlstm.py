@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,13 +24,24 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .cache_xlstm import xLSTMCache
+from .cache_xlstm import HAS_ROLLBACK_PROTOCOL, xLSTMCache
 from .checks import check_labels, check_model_inputs
 from .configuration_xlstm import xLSTMConfig
 from .convert import check_transformers_xlstm_load, load_fused_transformers_xlstm, read_transformers_xlstm_config
 from .fused_ops import LogitsLossFunction
 from .packing import DocumentLayout, document_starts
-from .recurrent_ops import check_backend, fall_back, functorch_active, mlstm_sequence, slstm_sequence
+from .recurrent_ops import (
+    check_backend,
+    fall_back,
+    functorch_active,
+    mlstm_sequence,
+    mlstm_sequence_states,
+    slstm_sequence,
+    slstm_sequence_states,
+)
+
+if TYPE_CHECKING:
+    from .context_parallel import ContextParallel, ContextParallelShard
 
 logger = logging.get_logger(__name__)
 
@@ -81,6 +92,7 @@ class CausalConv1d(nn.Module):
     x [B, S, D], conv_state [B, KS - 1, D] or None (zeros), mask [B, S] bool or None -> y [B, S, D], new conv_state
     [B, KS - 1, D]. A padded position (mask False) is skipped: the window of a real position holds the real inputs
     before it, whether the padding is on the left or holes inside the row; y at a padded position is unspecified.
+    With `last` > 0, the windows after each of the last `last` positions (a list, oldest first) instead of one.
     """
 
     def __init__(self, dim: int, kernel_size: int):
@@ -94,25 +106,36 @@ class CausalConv1d(nn.Module):
         conv_state: torch.Tensor | None,
         docs: DocumentLayout | None = None,
         mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        last: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor] | None]:
         """With `docs`: over every document of packed rows from zeros, and no window comes out."""
         if docs is not None:
             return docs.scatter(self(docs.gather(x), None)[0]), None
         B, S, D = x.shape
         if conv_state is None:
             conv_state = x.new_zeros(B, self.kernel_size - 1, D)
-        real = None
+        order = None
         if mask is not None:
             # each row's real inputs first, in order, its padding after them: the conv then sees the row without it
             order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices[..., None].expand(B, S, D)
-            x, real = x.gather(1, order), mask.sum(1)  # real: [B] real inputs per row
+            x = x.gather(1, order)
         xs = torch.cat([conv_state.to(x.dtype), x], dim=1)  # [B, KS - 1 + S, D]
         y = self.conv(xs.transpose(1, 2)).transpose(1, 2)
-        if real is None:
+        if order is not None:
+            y = torch.empty_like(y).scatter_(1, order, y)
+        if mask is None and not last:
             # a copy, not a view that would keep the whole [B, KS - 1 + S, D] input alive in the cache
-            return y, xs[:, xs.shape[1] - (self.kernel_size - 1) :].contiguous()
-        last = real[:, None] + torch.arange(self.kernel_size - 1, device=x.device)  # [B, KS - 1] up to the last real
-        return torch.empty_like(y).scatter_(1, order, y), xs.gather(1, last[..., None].expand(-1, -1, D))
+            return y, xs[:, S:].contiguous()
+        # the window after a position holds the KS - 1 inputs before xs[real inputs up to it + KS - 1]
+        seen = torch.arange(1, S + 1, device=x.device).expand(B, S) if mask is None else mask.long().cumsum(1)
+        ends = seen[:, S - min(max(last, 1), S) :]  # [B, positions]
+        windows = [self._window(xs, end) for end in ends.unbind(1)]
+        return y, windows if last else windows[0]
+
+    def _window(self, xs: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """The window [B, KS - 1, D] of xs [B, KS - 1 + S, D] after `seen` [B] real inputs of each row."""
+        idx = seen[:, None] + torch.arange(self.kernel_size - 1, device=xs.device)
+        return xs.gather(1, idx[..., None].expand(-1, -1, xs.shape[-1]))
 
 
 class HeadwiseLinear(nn.Module):
@@ -136,6 +159,25 @@ def _mlstm_options(config: xLSTMConfig, backend: str) -> dict[str, Any]:
     return dict(
         chunk_size=config.chunk_size, eps=config.mlstm_eps, empty_m=config.mlstm_empty_max_state, backend=backend
     )
+
+
+def _run_mlstm(
+    options: dict[str, Any],
+    qkvif: tuple[torch.Tensor, ...],
+    state: tuple | None,
+    mask,
+    docs,
+    last: int,
+    shard: ContextParallelShard | None = None,
+) -> tuple[torch.Tensor, tuple | list[tuple]]:
+    """The layers' one call into the mLSTM op: the final state, or with `last` > 0 the states after each of the last
+    `last` positions (a cache recording for speculative decoding). With `shard`, this rank's slice of sequences split
+    over a context-parallel group (context_parallel.py)."""
+    if shard is not None:
+        return shard.mlstm_sequence(*qkvif, state, mask=mask, docs=docs, **options)
+    if last:
+        return mlstm_sequence_states(*qkvif, state, last=last, mask=mask, **options)
+    return mlstm_sequence(*qkvif, state, mask=mask, docs=docs, **options)
 
 
 def _init_spec(linear: nn.Linear, **spec: Any) -> nn.Linear:
@@ -169,24 +211,36 @@ class mLSTMLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m, conv_state) or None -> y [B, S, D], state."""
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: tuple | None,
+        docs: DocumentLayout | None = None,
+        last: int = 0,
+        shard: ContextParallelShard | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | list[tuple[torch.Tensor, ...]] | None]:
+        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m, conv_state) or None -> y [B, S, D], state (with
+        `last` > 0: the states after each of the last `last` positions, oldest first)."""
         B, S, _ = x.shape
         mlstm_state, conv_state = (None, None) if state is None else (state[:3], state[3])
         x_m, z = self.proj_up(x).chunk(2, dim=-1)  # [B, S, inner] each
         if mask is not None:  # padding must not enter the conv window
             x_m = x_m * mask[..., None].to(x_m.dtype)
-        x_c, conv_state = self.conv1d(x_m, conv_state, docs, mask)
+        if shard is None:
+            x_c, conv_state = self.conv1d(x_m, conv_state, docs, mask, last)
+        else:
+            x_c = shard.conv(self.conv1d, x_m, docs, mask)
         x_c = F.silu(x_c)
         q, k, v = self.q_proj(x_c), self.k_proj(x_c), self.v_proj(x_m)  # [B, S, inner] each
         qkv = torch.cat([q, k, v], dim=-1)
         i = self.igate(qkv).float().transpose(1, 2)  # [B, NH, S]
         f = self.fgate(qkv).float().transpose(1, 2)
         q, k, v = (t.view(B, S, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, NH, S, DH]
-        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, mask=mask, docs=docs, **self.mlstm_options)
+        h, mlstm_state = _run_mlstm(self.mlstm_options, (q, k, v, i, f), mlstm_state, mask, docs, last, shard)
         h = self.multihead_norm(h)  # [B, S, inner]
         y = self.proj_down((h + self.learnable_skip * x_c) * F.silu(z))
+        if last:
+            return self.dropout(y), [(*s, w) for s, w in zip(mlstm_state, conv_state, strict=True)]
         return self.dropout(y), None if docs is not None else (*mlstm_state, conv_state)
 
 
@@ -211,16 +265,25 @@ class mLSTM7BLayer(nn.Module):
         self.gate_soft_cap = config.gate_soft_cap
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m, None) or None -> y [B, S, D], state."""
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: tuple | None,
+        docs: DocumentLayout | None = None,
+        last: int = 0,
+        shard: ContextParallelShard | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | list[tuple[torch.Tensor, ...]] | None]:
+        """x [B, S, D]; mask [B, S] bool or None; state (C, n, m, None) or None -> y [B, S, D], state (`last` as in
+        mLSTMLayer)."""
         B, S, _ = x.shape
         q, k, v = (t.view(B, S, self.num_heads, -1).transpose(1, 2) for t in (self.q(x), self.k(x), self.v(x)))
         i = soft_cap(self.igate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)  # [B, NH, S]
         f = soft_cap(self.fgate_preact(x).float(), self.gate_soft_cap).transpose(1, 2)
         mlstm_state = None if state is None else state[:3]
-        h, mlstm_state = mlstm_sequence(q, k, v, i, f, mlstm_state, mask=mask, docs=docs, **self.mlstm_options)
+        h, mlstm_state = _run_mlstm(self.mlstm_options, (q, k, v, i, f), mlstm_state, mask, docs, last, shard)
         y = self.out_proj(torch.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h))  # h [B, NH, S, DV]
+        if last:
+            return self.dropout(y), [(*s, None) for s in mlstm_state]
         return self.dropout(y), None if docs is not None else (*mlstm_state, None)
 
 
@@ -245,23 +308,41 @@ class sLSTMLayer(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None, state: tuple | None, docs: DocumentLayout | None = None
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """x [B, S, D]; mask [B, S] bool or None; state (h, c, n, m, conv_state) or None -> y [B, S, D], state."""
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        state: tuple | None,
+        docs: DocumentLayout | None = None,
+        last: int = 0,
+        shard: ContextParallelShard | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | list[tuple[torch.Tensor, ...]] | None]:
+        """x [B, S, D]; mask [B, S] bool or None; state (h, c, n, m, conv_state) or None -> y [B, S, D], state
+        (`last` as in mLSTMLayer)."""
         B, S, _ = x.shape
         NH, DH = self.num_heads, self.head_dim
         slstm_state, conv_state = (None, None) if state is None else (state[:4], state[4])
         x_c = x
         if self.conv1d is not None:
             x_in = x * mask[..., None].to(x.dtype) if mask is not None else x
-            x_c, conv_state = self.conv1d(x_in, conv_state, docs, mask)
+            if shard is None:
+                x_c, conv_state = self.conv1d(x_in, conv_state, docs, mask, last)
+            else:
+                x_c = shard.conv(self.conv1d, x_in, docs, mask)
             x_c = F.silu(x_c)
         gates = torch.stack([self.igate(x_c), self.fgate(x_c), self.zgate(x), self.ogate(x)], dim=2)  # [B, S, 4, D]
         gates = gates.view(B, S, 4, NH, DH).permute(0, 3, 1, 2, 4).reshape(B, NH, S, 4 * DH) + self.bias[:, None]
-        h, slstm_state = slstm_sequence(
-            gates, self.recurrent_kernel, slstm_state, mask=mask, docs=docs, backend=self.backend
-        )
-        state = None if docs is not None else (*slstm_state, conv_state)
+        if last:
+            h, states = slstm_sequence_states(
+                gates, self.recurrent_kernel, slstm_state, last=last, mask=mask, backend=self.backend
+            )
+            windows = conv_state if self.conv1d is not None else [None] * len(states)
+            state = [(*s, w) for s, w in zip(states, windows, strict=True)]
+        else:
+            sequence = slstm_sequence if shard is None else shard.slstm_sequence
+            h, slstm_state = sequence(
+                gates, self.recurrent_kernel, slstm_state, mask=mask, docs=docs, backend=self.backend
+            )
+            state = None if docs is not None else (*slstm_state, conv_state)
         return self.dropout(self.multihead_norm(h)), state  # [B, S, D]
 
 
@@ -310,14 +391,18 @@ class xLSTMBlock(GradientCheckpointingLayer):
         state: tuple | None = None,
         docs: DocumentLayout | None = None,
         return_state: bool = True,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        last: int = 0,
+        shard: ContextParallelShard | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | list[tuple[torch.Tensor, ...]] | None]:
         """hidden_states [B, S, D] -> [B, S, D] and the state after them (None with `return_state=False`: the mixers'
         final states are views of their kernels' buffers, and a module that returns a view requiring grad makes FSDP2
-        warn that an in-place op on it would skip its pre-backward hook)."""
+        warn that an in-place op on it would skip its pre-backward hook). With `last` > 0, the states after each of
+        the last `last` positions, oldest first (a cache recording them to roll back). `shard`: this rank's slice under
+        context parallelism."""
         if self.block_type == "s":
-            y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state, docs)
+            y, state = self.slstm_layer(self.norm_slstm(hidden_states), mask, state, docs, last, shard)
         else:
-            y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state, docs)
+            y, state = self.mlstm_layer(self.norm_mlstm(hidden_states), mask, state, docs, last, shard)
         hidden_states = hidden_states + y
         if self.ffn is not None:
             hidden_states = hidden_states + self.ffn(self.norm_ffn(hidden_states))
@@ -468,6 +553,8 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
     def __init__(self, config: xLSTMConfig, backend: str = "auto"):
         super().__init__(config)
         self.backend = check_backend(backend)
+        # the context-parallel group, a set-up option like `backend` (context_parallel.enable_context_parallel)
+        self.context_parallel: ContextParallel | None = None
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=None)
         self.blocks = nn.ModuleList([xLSTMBlock(config, idx, backend) for idx in range(config.num_hidden_layers)])
         norm = RMSNorm if config.architecture == "7b" else LayerNorm
@@ -526,7 +613,15 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
 
         boundaries = {"position_ids": position_ids, "cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k}
         starts = document_starts(boundaries, attention_mask, B, S, x.device)
-        docs = None
+        docs = shard = None
+        if self.context_parallel is not None:
+            # this rank holds one slice of every row (context_parallel.py): no cache, the state comes from other ranks
+            if cache is not None or cu_seq_lens_q is not None or cu_seq_lens_k is not None:
+                raise ValueError(
+                    "under context parallelism the model runs slices of whole sequences: no cache, and packed "
+                    "documents are marked by position_ids (sharded with the inputs), not cu_seq_lens_q"
+                )
+            shard, use_cache = self.context_parallel.shard(B, S, position_ids, attention_mask, x.device), False
         if starts is not None:
             if cache is not None:
                 raise ValueError(
@@ -541,20 +636,26 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
 
         all_hidden = (x,) if output_hidden_states else None
         outs = []
-        pieces = self._pieces(S, docs, output_hidden_states)
+        pieces = [slice(0, S)] if shard is not None else self._pieces(S, docs, output_hidden_states)
         carried = cache is not None or len(pieces) > 1  # the state goes on to the next piece or into the cache
+        # a cache recording its past (speculative decoding) keeps the states after the last positions, to roll back
+        recorded = 0 if cache is None else min(cache.positions_to_record(S), len(range(S)[pieces[-1]]))
         for piece in pieces:
             h = x[:, piece]
             piece_mask = None if mask is None else mask[:, piece]
+            last = recorded if piece is pieces[-1] else 0
             for idx, block in enumerate(self.blocks):
-                h, states[idx] = block(h, piece_mask, states[idx], docs, return_state=carried)
+                h, states[idx] = block(h, piece_mask, states[idx], docs, return_state=carried, last=last, shard=shard)
                 if output_hidden_states:
                     all_hidden += (h,)
             outs.append(h)
         x = self.out_norm(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
         if cache is not None:
             for idx, state in enumerate(states):
-                cache.update_state(idx, state)
+                if recorded:
+                    cache.record_states(idx, state, S)
+                else:
+                    cache.update_state(idx, state)
             cache.add_tokens(S, x.device)
         if output_hidden_states:
             all_hidden = all_hidden[:-1] + (x,)
@@ -666,18 +767,22 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         """The one private hook of transformers that xlstm_hf overrides, and why: generate() decides whether to compile
         the decoding step (`compile_config`; by itself on CUDA) from the cache in `model_kwargs` before the prefill,
         and no public hook makes a model's own cache class there (transformers makes none for a class named xLSTM,
-        a `DynamicCache` for others). So the xLSTMCache is made here; a cache passed by the user is checked by
-        transformers as for any model. Assisted and prompt-lookup decoding are refused before anything runs.
-        tests/test_cache.py fails, naming this method, if transformers changes its signature or stops calling it
-        before the compile decision."""
-        if generation_mode == "assisted_generation":
+        a `DynamicCache` for others). So the xLSTMCache is made here, recording its past as transformers' own
+        caches do when this model drafts for another (`is_assistant`); a cache passed by the user is checked by
+        transformers as for any model. Where transformers has no rollback protocol for recurrent caches, assisted and
+        prompt-lookup decoding are refused before anything runs. tests/test_cache.py fails, naming this method, if
+        transformers changes its signature or stops calling it before the compile decision."""
+        if generation_mode == "assisted_generation" and not HAS_ROLLBACK_PROTOCOL:
             raise ValueError(xLSTMCache.ROLLBACK_REFUSED)
         if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
         rows = max(generation_config.num_beams, generation_config.num_return_sequences) * batch_size
-        model_kwargs["cache"] = xLSTMCache(self.config, rows, device=self.get_input_embeddings().weight.device)
+        cache = xLSTMCache(self.config, rows, device=self.get_input_embeddings().weight.device)
+        if getattr(generation_config, "is_assistant", False):
+            cache.activate_past_recording(recurrent_states_to_keep=generation_config.num_assistant_tokens)
+        model_kwargs["cache"] = cache
 
     def prepare_inputs_for_generation(
         self,
@@ -738,6 +843,15 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         for name, t in (("labels", labels), ("shift_labels", shift_labels)):
             if t is not None and inputs is not None:
                 check_labels(name, t, inputs, self.config.vocab_size)
+        context_parallel = self.backbone.context_parallel
+        if context_parallel is not None and labels is not None and shift_labels is None:
+            raise ValueError(
+                "under context parallelism the target of a slice's last token lies on the next rank: pass "
+                "shift_labels sharded with the inputs (context_parallel.shard_batch makes them from labels)"
+            )
+        if context_parallel is not None and shift_labels is not None and num_items_in_batch is None:
+            # over the targets of the whole rows: the ranks' losses add up to the loss of the whole sequences
+            num_items_in_batch = context_parallel.count_targets(shift_labels)
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -7,6 +7,9 @@ functions with tensors and states; none of them needs a model config, and none c
     slstm_sequence(x, r, initial_state, ...)          -> h [B, NH, S, DH], (h, c, n, m)
     slstm_step(x, r, state, ...)                      -> h [B, NH, DH],    (h, c, n, m)
 
+and, for a cache that can be rolled back (speculative decoding), the same sequences returning the state after each
+of their last positions: ``mlstm_sequence_states`` and ``slstm_sequence_states``.
+
 Shapes and the recurrences are those of ``mlstm_naive`` and ``slstm_naive``; states are float32. ``mask`` [B, S]
 (False: a padded position, which neither writes nor decays the state) and ``docs`` (packed documents, each run from
 its own initial state; ``packing.DocumentLayout``) apply to all four.
@@ -244,12 +247,85 @@ def slstm_step(
     return h.to(x.dtype), state
 
 
+def _sequence_states(
+    run_sequence: Callable[..., tuple[torch.Tensor, tuple]],
+    run_step: Callable[..., tuple[torch.Tensor, tuple]],
+    inputs: tuple[torch.Tensor, ...],
+    state: tuple | None,
+    mask: torch.Tensor | None,
+    last: int,
+) -> tuple[torch.Tensor, list[tuple]]:
+    """A sequence op whose result keeps the state after each of the last `last` positions: the positions before
+    them run as one sequence, the last ones a step each (the inputs' position axis is 2, the mask's 1). A step gets a
+    copy of the state, as the fused mLSTM step writes into its state."""
+    S = inputs[0].shape[2]
+    last = min(max(last, 1), S)
+    hs, states = [], []
+    if S > last:
+        head = tuple(t[:, :, : S - last] for t in inputs)
+        h, state = run_sequence(*head, state, mask=None if mask is None else mask[:, : S - last])
+        hs.append(h)
+    for t in range(S - last, S):
+        state = None if state is None else tuple(x.clone() for x in state)
+        h, state = run_step(*(x[:, :, t] for x in inputs), state, mask=None if mask is None else mask[:, t])
+        hs.append(h[:, :, None])
+        states.append(state)
+    return torch.cat(hs, dim=2), states
+
+
+def mlstm_sequence_states(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    i: torch.Tensor,
+    f: torch.Tensor,
+    initial_state: MLSTMState | None = None,
+    *,
+    last: int,
+    mask: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    eps: float = 1e-6,
+    empty_m: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, list[MLSTMState]]:
+    """`mlstm_sequence` that returns h and the states after each of the last `last` positions (oldest first; the
+    final state last): the verification forward of speculative decoding, whose cache must roll back to the state
+    after any accepted prefix. The earlier positions run as `mlstm_sequence`, the last ones as `mlstm_step`s."""
+    i, f = mask_gates(i.float(), f.float(), mask)
+    options = dict(eps=eps, empty_m=empty_m, backend=backend)
+    return _sequence_states(
+        lambda *a, mask: mlstm_sequence(*a, chunk_size=chunk_size, **options),
+        lambda *a, mask: mlstm_step(*a, **options),
+        (q, k, v, i, f), initial_state, None, last,
+    )  # fmt: skip
+
+
+def slstm_sequence_states(
+    x: torch.Tensor,
+    r: torch.Tensor,
+    initial_state: SLSTMState | None = None,
+    *,
+    last: int,
+    mask: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, list[SLSTMState]]:
+    """`slstm_sequence` that returns h and the states after each of the last `last` positions (oldest first), as
+    `mlstm_sequence_states`."""
+    return _sequence_states(
+        lambda x, state, mask: slstm_sequence(x, r, state, mask=mask, backend=backend),
+        lambda x, state, mask: slstm_step(x, r, state, mask=mask, backend=backend),
+        (x,), initial_state, mask, last,
+    )  # fmt: skip
+
+
 __all__ = [
     "BACKENDS",
     "check_backend",
     "functorch_active",
     "mlstm_sequence",
+    "mlstm_sequence_states",
     "mlstm_step",
     "slstm_sequence",
+    "slstm_sequence_states",
     "slstm_step",
 ]
