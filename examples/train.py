@@ -4,6 +4,7 @@
     python examples/train.py --preset 125m --architecture paper71 --dataset_name Salesforce/wikitext \
         --dataset_config wikitext-103-raw-v1 --tokenizer gpt2 --bf16 --max_steps 20000
     torchrun --nproc_per_node 8 examples/train.py --preset 350m ...       # DDP (`accelerate launch` works the same)
+    torchrun --nproc_per_node 8 examples/train.py --context_parallel_size 4 --block_size 131072 ...  # 2 (DP) x 4 (CP)
 
 With no data argument the text is Python's own documentation topics (`pydoc_data.topics`, shipped with every CPython,
 about 465 KB of English), one document per topic; with no `--tokenizer` a byte-level BPE is trained on the training
@@ -12,6 +13,12 @@ tokens, each document starting from an empty recurrent state (`position_ids` res
 DataCollatorWithFlattening marks them), so no padding is computed. Every TrainingArguments flag works
 (`--gradient_checkpointing`, passed on as `--activation_checkpointing`, `--gradient_accumulation_steps`, `--bf16`,
 `--torch_compile`, `--resume_from_checkpoint`, `--fsdp`, ...); the defaults below are the main job's.
+
+`--context_parallel_size N` splits every row over N processes along the sequence (xlstm_hf/context_parallel.py): the
+world is a (data parallel) x (context parallel) mesh with the N ranks of a row adjacent, each data-parallel group of N
+reads one batch, and `ContextParallelTrainer` hands each rank its slice. transformers' own context parallelism cannot
+carry it: it refuses any model without SDPA attention, and accelerate's `cp_size` shards attention's buffers for ring
+attention over SDPA (torch's `context_parallel`), which an xLSTM does not call.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 import xlstm_hf  # noqa: E402
+from xlstm_hf.context_parallel import disable_context_parallel, enable_context_parallel, shard_batch  # noqa: E402
 
 EOT = "<|endoftext|>"
 
@@ -113,6 +122,10 @@ class ScriptArguments:
     max_new_tokens: int = field(default=80, metadata={"help": "length of the sample"})
     backend: str = field(
         default="auto", metadata={"help": "the recurrences' implementation: auto (Triton on CUDA), triton or torch"}
+    )
+    context_parallel_size: int = field(
+        default=1,
+        metadata={"help": "split every row over this many processes along the sequence (a divisor of the world size)"},
     )
     push_to_repo: str | None = field(
         default=None,
@@ -329,12 +342,67 @@ def scored_tokens(data: datasets.Dataset) -> int:
     return sum(sum(t != -100 for t in row[1:]) for row in data["labels"])
 
 
+class ContextParallelTrainer(Trainer):
+    """The Trainer with every row split over the ranks of `mesh["cp"]` along the sequence.
+
+    - data: accelerate deals the batches over all processes; here over the data-parallel groups, so the ranks of one
+      cp group read the same rows (the Trainer itself re-deals its `BatchRebalanceSampler` the same way);
+    - inputs: each rank keeps its slice of every [B, S] tensor (`shift_labels` made first, transformers' CP contract);
+    - loss: `get_cp_size` is transformers' hook for ranks that share a batch: `num_items_in_batch` (counted on the
+      whole rows, then summed over all processes) is divided by it, so that each rank's loss is its tokens' share of
+      the batch's and the ranks' gradients, averaged by DDP and scaled back by the Trainer, are the batch's;
+    - evaluation: the loss of the whole rows (the ranks' shares summed over the cp group); no logits are gathered.
+    """
+
+    def __init__(self, *args: Any, mesh: Any, **kwargs: Any):
+        self.mesh = mesh
+        super().__init__(*args, **kwargs)
+        if not self.args.average_tokens_across_devices:
+            raise ValueError("--context_parallel_size needs --average_tokens_across_devices (the loss's divisor)")
+
+    def get_cp_size(self) -> int:
+        return self.mesh["cp"].size()
+
+    def _get_dataloader(self, *args: Any, **kwargs: Any) -> torch.utils.data.DataLoader:
+        dataloader = super()._get_dataloader(*args, **kwargs)
+        dealt = getattr(dataloader, "batch_sampler", None)
+        if not hasattr(dealt, "process_index"):
+            raise ValueError("--context_parallel_size needs a map-style dataset (accelerate's BatchSamplerShard)")
+        dealt.num_processes, dealt.process_index = self.mesh["dp"].size(), self.mesh["dp"].get_local_rank()
+        return dataloader
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        return shard_batch(super()._prepare_inputs(inputs), self.mesh["cp"])
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs).detach()
+        torch.distributed.all_reduce(loss, group=self.mesh["cp"].get_group())
+        return loss, None, None
+
+
+def context_parallel_mesh(args: ScriptArguments, training_args: TrainingArguments, block_size: int) -> Any:
+    """The (dp, cp) device mesh of `--context_parallel_size`, or None without it."""
+    cp, world = args.context_parallel_size, training_args.world_size
+    if cp == 1:
+        return None
+    if cp < 1 or world % cp:
+        raise ValueError(f"--context_parallel_size {cp} does not divide the world size {world}")
+    if block_size % cp:
+        raise ValueError(f"--block_size {block_size} does not split evenly over --context_parallel_size {cp}")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(training_args.device.type, (world // cp, cp), mesh_dim_names=("dp", "cp"))
+
+
 def main() -> None:
     args, training_args = parse_args()
     set_seed(training_args.seed)
     raw = load_text(args, training_args.seed)
     tokenizer = get_tokenizer(args, raw["train"], training_args)
     block_size = args.block_size or PRESETS[args.preset]["block_size"]
+    mesh = context_parallel_mesh(args, training_args, block_size)
     data = tokenize_and_pack(raw, tokenizer, block_size, args.packing, training_args)
     for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
         if limit is not None:
@@ -349,6 +417,8 @@ def main() -> None:
         )
     config = build_config(args, len(tokenizer), tokenizer)
     model = xlstm_hf.xLSTMForCausalLM(config, backend=args.backend)
+    if mesh is not None:
+        enable_context_parallel(model, mesh["cp"], sequence_length=block_size)
     main_process = training_args.process_index == 0
     if main_process:
         n_params = sum(p.numel() for p in model.parameters())
@@ -359,7 +429,7 @@ def main() -> None:
             f" ({'packed, state reset per document' if args.packing else 'concatenated'})"
         )
 
-    trainer = Trainer(
+    trainer = (Trainer if mesh is None else partial(ContextParallelTrainer, mesh=mesh))(
         model=model,
         args=training_args,
         train_dataset=data["train"],
@@ -370,7 +440,8 @@ def main() -> None:
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = dict(result.metrics)
     world = training_args.world_size
-    tokens = trainer.state.global_step * training_args.per_device_train_batch_size * block_size * world
+    rows = world // args.context_parallel_size  # processes reading different rows
+    tokens = trainer.state.global_step * training_args.per_device_train_batch_size * block_size * rows
     metrics["train_tokens"] = tokens * training_args.gradient_accumulation_steps
     metrics["train_tokens_per_second"] = metrics["train_tokens"] / metrics["train_runtime"]
 
@@ -390,12 +461,14 @@ def main() -> None:
         print(
             f"train loss {metrics['train_loss']:.4f} | {metrics['train_tokens_per_second']:.0f} tokens/s "
             f"({metrics['train_tokens']} tokens in {metrics['train_runtime']:.1f} s, {world} process(es)"
-            f"{', FSDP' if trainer.is_fsdp_enabled else ''})\n"
+            f"{', FSDP' if trainer.is_fsdp_enabled else ''}"
+            f"{f', rows split over {args.context_parallel_size}' if mesh is not None else ''})\n"
             f"eval perplexity {metrics['eval_perplexity']:.2f} vs unigram baseline "
             f"{metrics['eval_unigram_perplexity']:.2f} ({metrics['eval_tokens']} held-out tokens)\n"
             f"saved model and tokenizer to {os.path.abspath(training_args.output_dir)}"
         )
-        print(f"sample:\n{generate_sample(trainer.model, tokenizer, args)}")
+        # generation runs whole sequences: this process alone, as without context parallelism
+        print(f"sample:\n{generate_sample(disable_context_parallel(trainer.model), tokenizer, args)}")
         if args.push_to_repo:
             push(training_args, args)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -26,10 +26,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from xlstm_hf.context_parallel import combine_summaries, enable_context_parallel
 from xlstm_hf.mlstm_naive import mlstm_recurrent
@@ -131,6 +133,45 @@ def test_context_parallel_equals_one_process(tmp_path, dp, cp):
     assert worst[0][1] <= TOLERANCE, worst
     for name, message in report["set_up_errors"].items():
         assert message is not None, f"{name}: no ValueError"
+
+
+# --- examples/train.py under torchrun ------------------------------------------------------------------------------
+
+
+def test_train_example_dp2_cp2_matches_one_process(tmp_path):
+    """`--context_parallel_size 2` on 4 processes (2 data-parallel groups of 2) against one process on the same global
+    batch (the whole training set, so both read the same rows in every step): the Trainer's logged losses, the eval
+    loss and the weights after four SGD steps, with an sLSTM block and gradient checkpointing. SGD, not Adam: Adam
+    turns the round-off of near-zero gradients into steps of the learning rate (see test_distributed.py)."""
+    from test_distributed import run_train, train_losses
+
+    extra = [
+        "--config_overrides=hidden_size=32,num_hidden_layers=2,num_heads=2,chunk_size=16,dropout=0.0,slstm_at=[1]",
+        "--optim=sgd",
+        "--learning_rate=0.5",
+        "--gradient_checkpointing",
+    ]
+    single = run_train(tmp_path / "single", 1, 8, *extra)
+    split = run_train(tmp_path / "cp", 4, 4, *extra, "--context_parallel_size=2")
+    assert len(train_losses(single)) == 4
+    torch.testing.assert_close(torch.tensor(train_losses(split)), torch.tensor(train_losses(single)), rtol=1e-5, atol=0)
+    evals = [[e["eval_loss"] for e in state["log_history"] if "eval_loss" in e] for state in (single, split)]
+    torch.testing.assert_close(torch.tensor(evals[1]), torch.tensor(evals[0]), rtol=1e-5, atol=0)
+    single_weights = load_file(tmp_path / "single" / "model.safetensors")
+    split_weights = load_file(tmp_path / "cp" / "model.safetensors")
+    for name, w in single_weights.items():
+        torch.testing.assert_close(split_weights[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_train_example_refuses_a_split_it_cannot_make():
+    from conftest import raises_naming
+    from test_user_flows import load_train_example
+
+    mesh = load_train_example().context_parallel_mesh
+    with raises_naming("--context_parallel_size 3", "world size 4"):
+        mesh(SimpleNamespace(context_parallel_size=3), SimpleNamespace(world_size=4), 96)
+    with raises_naming("--block_size 63", "--context_parallel_size 2"):
+        mesh(SimpleNamespace(context_parallel_size=2), SimpleNamespace(world_size=2), 63)
 
 
 # --- the worker -------------------------------------------------------------------------------------------------
