@@ -7,9 +7,11 @@ xlstm_hf alone at 256 and 4096 new tokens (batch 1) to show that tokens/s stay f
 the first and the last 256 tokens of one 4096-token call (free of the drift between separate runs on a shared
 machine), with the peak memory of the 4096-token run. Writes benchmarks/generation.json and .png. On a CUDA machine it
 first runs the xLSTM-7B shape in bfloat16 at batch 1, eager and compiled, against the HBM bound (bytes of weights and
-state read per token / the device's bandwidth), into benchmarks/generation_cuda.json.
+state read per token / the device's bandwidth), into benchmarks/generation_cuda.json. Last, prompt lookup decoding
+against plain greedy on a copy task and on one with nothing to copy (`prompt_lookup`; alone with
+--prompt-lookup-only, into benchmarks/generation_prompt_lookup.json).
 
-    python scripts/benchmark_generation.py [--repeats 5]
+    python scripts/benchmark_generation.py [--repeats 5] [--prompt-lookup-only]
 """
 
 import argparse
@@ -137,12 +139,84 @@ def cuda_7b(bandwidth_gbs: float | None) -> dict:
     }
 
 
+def short_memory_7b() -> xlstm_hf.xLSTMForCausalLM:
+    """A 7B-style model (hidden 512, 6 blocks, 4 heads, vocab 32000, float32) whose forget gates are shut (bias
+    -30, about -13 after the soft cap): each block's state holds only the current token, so greedy decoding is a
+    function of the last token, and the model re-emits any text it produced once, as a code model re-emits an
+    unchanged file. Random otherwise (the timing does not depend on the weights)."""
+    torch.manual_seed(0)
+    config = xlstm_hf.xLSTMConfig(
+        architecture="7b", vocab_size=32000, hidden_size=512, num_hidden_layers=6, num_heads=4, pad_token_id=0
+    )
+    model = xlstm_hf.xLSTMForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        for block in model.backbone.blocks:
+            block.mlstm_layer.fgate_preact.bias.fill_(-30.0)
+    return model
+
+
+def prompt_lookup(repeats: int, new_tokens: int = 256, lookup: int = 10) -> dict:
+    """Prompt lookup decoding (`prompt_lookup_num_tokens`) against plain greedy at batch 1, the same tokens out, on
+    two prompts: "copy", a 512-token text the model wrote (its greedy output) followed by its first 8 tokens again,
+    which the model then copies on; "no copy", 520 random tokens, whose continuation is nowhere in the prompt. The
+    acceptance rate is the share of looked-up candidates that the verification forwards accepted."""
+    model = short_memory_7b()
+    seed = torch.randint(1, 32000, (1, 1))
+    text = model.generate(seed, max_new_tokens=512, min_new_tokens=512, do_sample=False)[:, 1:]
+    prompts = {"copy": torch.cat([text, text[:, :8]], dim=1), "no copy": torch.randint(1, 32000, (1, 520))}
+    lengths: list[int] = []
+    model.register_forward_pre_hook(lambda m, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    out = {}
+    for task, prompt in prompts.items():
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        runs = {"greedy": {}, "prompt lookup": {"prompt_lookup_num_tokens": lookup}}
+        tokens, times = {}, {name: [] for name in runs}
+        for name, extra in runs.items():
+            tokens[name] = model.generate(prompt, **kwargs, **extra)  # warm-up, and the tokens to compare
+        lengths.clear()
+        model.generate(prompt, **kwargs, **runs["prompt lookup"])
+        # candidates verified: those after the prompt in the first forward, all but one token of each later one
+        forwards, verified = len(lengths), lengths[0] - prompt.shape[1] + sum(n - 1 for n in lengths[1:])
+        for _ in range(repeats):
+            for name, extra in runs.items():
+                start = time.perf_counter()
+                model.generate(prompt, **kwargs, **extra)
+                times[name].append(time.perf_counter() - start)
+        rate = {name: new_tokens / statistics.median(ts) for name, ts in times.items()}
+        out[task] = {
+            **rate,
+            "speedup": rate["prompt lookup"] / rate["greedy"],
+            "same_tokens": bool(torch.equal(tokens["greedy"], tokens["prompt lookup"])),
+            "forwards": forwards,
+            # every forward gives one token beyond the candidates it accepts
+            "acceptance_rate": (new_tokens - forwards) / verified if verified else 0.0,
+        }
+    return out
+
+
+def print_prompt_lookup(r: dict) -> None:
+    for task, t in r.items():
+        print(
+            f"prompt lookup, {task}: {t['prompt lookup']:.0f} tok/s against greedy {t['greedy']:.0f} tok/s "
+            f"({t['speedup']:.2f}x), same tokens: {t['same_tokens']}, {t['forwards']} forwards for 256 tokens, "
+            f"acceptance {t['acceptance_rate']:.0%}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "generation.json")
     parser.add_argument("--bandwidth-gbs", type=float, default=None, help="HBM bandwidth, if torch does not report it")
+    parser.add_argument("--prompt-lookup-only", action="store_true", help="only the prompt lookup comparison")
     args = parser.parse_args()
+    if args.prompt_lookup_only:
+        r = prompt_lookup(args.repeats)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_name("generation_prompt_lookup.json").write_text(json.dumps(r, indent=2))
+        return print_prompt_lookup(r)
     if torch.cuda.is_available():
         r = cuda_7b(args.bandwidth_gbs)
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,6 +254,7 @@ def main() -> None:
         "step_ratio_last_to_first_window": windows[-1] / windows[0],
     }
     results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["prompt_lookup"] = prompt_lookup(args.repeats)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
     try:
@@ -217,6 +292,7 @@ def main() -> None:
         f"{f['step_ratio_last_to_first_window']:.2f}); peak RSS "
         f"{results['peak_rss_mb']:.0f} MB"
     )
+    print_prompt_lookup(results["prompt_lookup"])
 
 
 if __name__ == "__main__":
