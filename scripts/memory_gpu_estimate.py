@@ -23,8 +23,14 @@ shape cannot tell (at 4096 tokens a [S, D] activation has the shape of a [D, D] 
     constant    neither (zeros, aranges)
 A step should make one gradient per parameter and no "weight" allocation.
 
+Context parallelism (xlstm_hf/context_parallel.py): the step of one rank of P holding S / P tokens of a row of S,
+the model's exchanges run with the collectives replaced by stand-ins (`FakeCollectives`) that leave the buffers the
+real ones fill: the gathered summaries, the received states and gradients are counted. The first rank runs one mLSTM
+pass per layer, a middle rank two (its summary and its outputs), the last rank one; the per-rank peak is the largest.
+
     python scripts/memory_gpu_estimate.py                 # xLSTM-7B shape, 32 layers, 4096 tokens
     python scripts/memory_gpu_estimate.py --layers 4      # quicker; parameters and memory scale with the layers
+    python scripts/memory_gpu_estimate.py --context_parallel 1048576 8 32   # also 1M tokens over 8 and 32 ranks
 """
 
 from __future__ import annotations
@@ -52,10 +58,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import xlstm_hf.checks as checks  # noqa: E402
+import xlstm_hf.context_parallel as context_parallel  # noqa: E402
 import xlstm_hf.fused_ops as fused_ops  # noqa: E402
 from xlstm_hf import xLSTMConfig, xLSTMForCausalLM  # noqa: E402
 
 GB = 1e9
+H100_BYTES = 80 * 2**30  # an H100 SXM's 80 GiB, of which the CUDA context and workspaces take a few
 
 
 def config_7b(layers: int = 32, **overrides) -> xLSTMConfig:
@@ -186,7 +194,8 @@ def _kind(a: Allocation, is_gradient: bool) -> str:
 
 
 def measure_step(model: xLSTMForCausalLM, tokens: int, checkpointing: bool) -> StepMemory:
-    """Forward and backward of the LM loss of one row of `tokens` token ids, tracked by a StorageTracker."""
+    """Forward and backward of the LM loss of one row of `tokens` token ids, tracked by a StorageTracker (targets as
+    `shift_labels` under context parallelism, where `labels` would need the next rank's first token)."""
     params = list(model.parameters())
     if checkpointing:
         model.activation_checkpointing_enable()  # gradient_checkpointing_enable in transformers 5; non-reentrant
@@ -198,7 +207,10 @@ def measure_step(model: xLSTMForCausalLM, tokens: int, checkpointing: bool) -> S
     tracker.mark(ids, "batch")  # tokens and labels
     with tracker:
         tracker.phase = "forward"
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        if model.backbone.context_parallel is None:
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        else:
+            loss = model(input_ids=ids, shift_labels=ids, num_items_in_batch=tokens * 8, use_cache=False).loss
         after_forward = len(tracker.events)
         tracker.phase = "backward"
         loss.backward()
@@ -282,6 +294,52 @@ def training_step_memory(
         return measure_step(model, tokens, checkpointing)
 
 
+class FakeCollectives:
+    """torch.distributed as context_parallel.py calls it, for rank `rank` of `size` in one process: the collectives
+    return at once, their buffers allocated by the caller as for the real ones (values are not needed)."""
+
+    class ProcessGroup:
+        pass
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_rank(self, group: object = None) -> int:
+        return self.rank
+
+    def get_world_size(self, group: object = None) -> int:
+        return self.size
+
+    def all_gather(self, *args, **kwargs) -> None:
+        pass
+
+    all_reduce = send = recv = all_gather
+
+
+def context_parallel_step_memory(config: xLSTMConfig, tokens: int, ranks: int, rank: int) -> StepMemory:
+    """The memory of one training step of rank `rank` of `ranks` under context parallelism, holding tokens / ranks of
+    a row of `tokens`, bfloat16, gradient checkpointing, as on a GPU."""
+    fake = FakeCollectives(rank, ranks)
+
+    def split(model: xLSTMForCausalLM) -> None:
+        context_parallel.enable_context_parallel(model, FakeCollectives.ProcessGroup(), sequence_length=tokens)
+
+    with mock.patch.object(context_parallel, "dist", fake):
+        return training_step_memory(config, tokens // ranks, True, edit_model=split)
+
+
+def context_parallel_memory(config: xLSTMConfig, tokens: int, ranks: int) -> dict[str, StepMemory]:
+    """Per position in the group (first, middle, last): the step memory of a rank."""
+    positions = {"first": 0, "middle": 1, "last": ranks - 1} if ranks > 2 else {"first": 0, "last": ranks - 1}
+    return {name: context_parallel_step_memory(config, tokens, ranks, r) for name, r in positions.items()}
+
+
 MEMORY_ROW = "| {:<22} | {:>6} | {:>6} | {:>9} | {:>15} | {:>6} |"
 ALLOCATION_ROW = "| {:<10} | {:<8} | {:<38} | {:<16} | {:<8} | {:>5} |"
 
@@ -335,6 +393,13 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "memory_gpu_estimate.json")
+    parser.add_argument(
+        "--context_parallel",
+        type=int,
+        nargs="+",
+        metavar=("TOKENS", "RANKS"),
+        help="also the per-rank step of a row of TOKENS split over each number of RANKS",
+    )
     args = parser.parse_args()
 
     config = config_7b(args.layers)
@@ -367,6 +432,25 @@ def main() -> None:
         "plain": as_json(results["plain"]),
         "gradient_checkpointing": as_json(results["gradient checkpointing"]),
     }
+    if args.context_parallel:
+        tokens, *rank_counts = args.context_parallel
+        summary["command"] += " --context_parallel " + " ".join(map(str, args.context_parallel))
+        summary["context_parallel"] = {"tokens": tokens, "h100_bytes": H100_BYTES}
+        print(f"\ncontext parallelism: a row of {tokens} tokens, bfloat16, gradient checkpointing, per rank")
+        print(MEMORY_ROW.format("ranks, rank", "params", "grads", "after fwd", "activation peak", "peak"))
+        for ranks in rank_counts:
+            per_position = context_parallel_memory(config, tokens, ranks)
+            for name, m in per_position.items():
+                cells = (m.parameters, m.gradients, m.held_after_forward, m.activation_peak, m.peak)
+                print(MEMORY_ROW.format(f"{ranks} x {tokens // ranks}, {name}", *(f"{b / GB:.2f}" for b in cells)))
+            peak = max(m.peak for m in per_position.values())
+            print(f"{ranks} ranks: per-rank peak {peak / GB:.2f} GB, {peak / H100_BYTES:.2f} of an 80 GiB H100")
+            summary["context_parallel"][str(ranks)] = {
+                "tokens_per_rank": tokens // ranks,
+                "per_rank_peak_bytes": peak,
+                "fraction_of_h100": peak / H100_BYTES,
+                **{name: as_json(m) for name, m in per_position.items()},
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\nwrote {args.out}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -119,3 +120,33 @@ def test_detector_flags_a_concatenated_weight():
     m = estimate.training_step_memory(config, TOKENS, False, edit_model=concatenate_ffn_weights)
     weight_shape = (2 * config.ffn_dim, config.hidden_size)
     assert [(key[2], key[3]) for key in m.flagged()] == [("aten.cat.default", weight_shape)]
+
+
+def test_context_parallel_estimate_counts_the_bytes_of_real_tensors():
+    """The step of each rank position of 4 (first: one mLSTM pass per layer, middle: two, last: one), with the
+    collectives' stand-ins, on fake tensors and on real ones: the same bytes."""
+    config = tiny_config()
+    fake = estimate.context_parallel_memory(config, 4 * TOKENS, 4)
+    for name, rank in (("first", 0), ("middle", 1), ("last", 3)):
+        with mock.patch.object(estimate.context_parallel, "dist", estimate.FakeCollectives(rank, 4)):
+            real = estimate.training_step_memory(
+                config,
+                TOKENS,
+                True,
+                fake=False,
+                edit_model=lambda m: estimate.context_parallel.enable_context_parallel(
+                    m, estimate.FakeCollectives.ProcessGroup()
+                ),
+            )
+        assert (fake[name].peak, fake[name].activation_peak) == (real.peak, real.activation_peak), name
+
+
+def test_context_parallel_splits_the_activations():
+    """A row of 4 x 64 tokens over 4 ranks: every rank's activation peak is a fraction of one process's on the whole
+    row (a quarter of the tokens; a middle rank also holds its summary pass and the gathered summaries)."""
+    config = tiny_config()
+    whole = estimate.training_step_memory(config, 4 * TOKENS, True)
+    per_rank = estimate.context_parallel_memory(config, 4 * TOKENS, 4)
+    assert per_rank["middle"].activation_peak > per_rank["first"].activation_peak  # the two passes are counted
+    for name, m in per_rank.items():
+        assert m.activation_peak < 0.5 * whole.activation_peak, (name, m.activation_peak, whole.activation_peak)
