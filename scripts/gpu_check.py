@@ -12,7 +12,8 @@
    interpreter (whose bfloat16 conversion truncates; a GPU rounds to nearest) measured dq, dk up to 6.3e-2 at
    DK 32; sLSTM, over 64 steps, 3x its test file's (bfloat16 1e-2, TF32 as float32 inputs' 5e-3, float32 1e-5).
 3. Model level: a few AdamW steps of backend="triton" against backend="torch" from the same weights (paper stack with
-   an sLSTM block, and a 7B-style stack), losses and parameters after the steps; then greedy generation, tokens equal.
+   an sLSTM block, and a 7B-style stack), losses and parameters after the steps; then greedy generation, tokens equal,
+   and prompt lookup decoding (the fused step under a cache that records and rolls back) equal to greedy.
 4. scripts/benchmark_kernels.py at reduced repeats (S 2k and 8k), and the sLSTM at column tiles 16, 32, 64.
 Writes one JSON (device, versions, every figure, pass/fail) and exits non-zero when a check failed. It needs CUDA and
 says so otherwise. It has not yet run on a GPU: its run time there is unmeasured.
@@ -196,15 +197,20 @@ def check_models(records: list) -> None:
                 model.eval()
                 with torch.no_grad():
                     tokens = model.generate(ids[:2, :32], max_new_tokens=24, do_sample=False)
+                    # speculative decoding: the fused step under a recording cache (states kept, then rolled back)
+                    prompt = ids[:1, :32].repeat(1, 2)
+                    greedy = model.generate(prompt, max_new_tokens=24, do_sample=False)
+                    lookup = model.generate(prompt, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
             params = torch.cat([p.detach().flatten() for p in model.parameters()])
-            runs[backend] = dict(losses=losses, params=params, tokens=tokens)
+            runs[backend] = dict(losses=losses, params=params, tokens=tokens, lookup=torch.equal(greedy, lookup))
         t, r = runs["triton"], runs["torch"]
         loss_err = max(abs(a - b) / abs(b) for a, b in zip(t["losses"], r["losses"], strict=True))
         param_err = rel_err(t["params"], r["params"])
         same_tokens = torch.equal(t["tokens"], r["tokens"])
-        passed = loss_err <= 1e-4 and param_err <= 1e-3 and same_tokens
+        lookup = t["lookup"] and r["lookup"]
+        passed = loss_err <= 1e-4 and param_err <= 1e-3 and same_tokens and lookup
         print(f"{'ok' if passed else 'FAIL':4s} model {label:42s} loss rel err {loss_err:.1e}, params {param_err:.1e}, "
-              f"tokens equal {same_tokens}", flush=True)  # fmt: skip
+              f"tokens equal {same_tokens}, prompt lookup = greedy {lookup}", flush=True)  # fmt: skip
         records.append(
             dict(
                 name=f"model {label}",
@@ -212,6 +218,7 @@ def check_models(records: list) -> None:
                 loss_rel_err=loss_err,
                 param_rel_err=param_err,
                 tokens_equal=same_tokens,
+                prompt_lookup_equals_greedy=lookup,
                 passed=passed,
             )
         )

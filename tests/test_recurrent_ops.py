@@ -14,6 +14,7 @@ from kernel_testing import DEVICE, use_kernels_in_recurrent_ops
 
 import xlstm_hf
 from xlstm_hf import recurrent_ops
+from xlstm_hf.cache_xlstm import HAS_ROLLBACK_PROTOCOL
 from xlstm_hf.mlstm_naive import mlstm_chunkwise, mlstm_parallel, mlstm_recurrent
 from xlstm_hf.packing import DocumentLayout
 from xlstm_hf.slstm_naive import slstm_recurrent
@@ -262,3 +263,15 @@ def test_the_loss_is_chosen_at_construction_and_a_custom_one_is_honoured():
     assert len(seen) == 1 and torch.equal(seen[0], out.logits)
     torch.testing.assert_close(out.loss, out.logits.float().mean())
     torch.testing.assert_close(out.logits, fused.logits)
+
+
+@pytest.mark.skipif(not HAS_ROLLBACK_PROTOCOL, reason="transformers < 5.25 has no cache rollback")
+@pytest.mark.parametrize("architecture", ["paper", "7b"])
+def test_speculative_decoding_with_the_triton_kernels(architecture, interpreted_triton):
+    """Prompt lookup decoding through the Triton kernels (interpreted on CPU): the fused step writes its state in
+    place, which must not reach the states a recording cache keeps to roll back. The tokens are greedy's."""
+    model = randomize_(xlstm_hf.xLSTMForCausalLM(tiny_config(architecture), backend="triton"), 0.3).to(DEVICE).eval()
+    text = torch.randint(1, 97, (1, 6), device=DEVICE)
+    prompt = torch.cat([text, text, text[:, :2]], dim=1)
+    greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3), greedy)
