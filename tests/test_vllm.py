@@ -162,6 +162,7 @@ def reference(model: torch.nn.Module, prompts: list[list[int]]) -> dict:
 def checkpoints(tmp_path_factory) -> dict:
     """name -> (directory, prompts, reference) for the models served, and the checkpoints vLLM must refuse."""
     root = tmp_path_factory.mktemp("vllm")
+    torch.manual_seed(0)  # the weights (randomize_) whatever ran before
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
     out = {}
@@ -200,9 +201,20 @@ SAMPLING = {"temperature": 1.0, "n": 2, "seed": 1234, "max_tokens": 8}
 RUNS = [("7b", True), ("7b", False), ("paper", True), ("paper", False), ("builtin", True)]
 
 
+def run_child(checkpoints: dict, job: dict, name: str, env: dict[str, str]) -> dict:
+    """tests/vllm_child.py on `job` in vLLM's environment; its result."""
+    job_file, result_file = checkpoints["root"] / f"{name}-job.json", checkpoints["root"] / f"{name}-result.json"
+    job_file.write_text(json.dumps(job))
+    child = subprocess.run(
+        [str(vllm_python()), str(ROOT / "tests" / "vllm_child.py"), str(job_file), str(result_file)],
+        cwd=checkpoints["root"], env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert child.returncode == 0, f"vLLM child failed:\n{child.stdout[-6000:]}\n{child.stderr[-12000:]}"
+    return json.loads(result_file.read_text())
+
+
 @pytest.fixture(scope="module")
 def vllm_results(checkpoints) -> dict:
-    python = vllm_python()
     models = checkpoints["models"]
     job = {
         "instances": [
@@ -240,20 +252,42 @@ def vllm_results(checkpoints) -> dict:
             {"name": "servable", "config": {"architecture": "7b", "hidden_size": 64, "num_heads": 2}},
         ],  # fmt: skip
     }
-    job_file, result_file = checkpoints["root"] / "job.json", checkpoints["root"] / "result.json"
-    job_file.write_text(json.dumps(job))
-    child = subprocess.run(
-        [str(python), str(ROOT / "tests" / "vllm_child.py"), str(job_file), str(result_file)],
-        cwd=checkpoints["root"], env=child_env(in_process=True), capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert child.returncode == 0, f"vLLM child failed:\n{child.stdout[-6000:]}\n{child.stderr[-12000:]}"
-    return json.loads(result_file.read_text())
+    return run_child(checkpoints, job, "main", child_env(in_process=True))
+
+
+@pytest.fixture(scope="module")
+def vllm_tp_results(checkpoints) -> dict:
+    """Both stacks with tensor_parallel_size=2: two worker processes on the CPU build, each with half the heads and
+    their states (one OpenMP thread each on CI's two cores)."""
+    models = checkpoints["models"]
+    job = {
+        "instances": [
+            {
+                "name": name,
+                "model": str(models[name][0]),
+                "engine": {**engine(True), "tensor_parallel_size": 2},
+                "prompts": checkpoints["prompts"],
+                "max_tokens": NEW_TOKENS,
+            }
+            for name in ("7b", "paper")
+        ]
+    }
+    return run_child(checkpoints, job, "tp", {**child_env(), "OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("name,chunked", RUNS, ids=[f"{n}-{'chunked' if c else 'whole'}" for n, c in RUNS])
 def test_vllm_greedy_equals_generate(vllm_results, checkpoints, name, chunked):
-    got = vllm_results["instances"][f"{name}-{'chunked' if chunked else 'whole'}"]
-    ref = checkpoints["models"][name][1]
+    check_greedy(
+        vllm_results["instances"][f"{name}-{'chunked' if chunked else 'whole'}"], checkpoints["models"][name][1]
+    )
+
+
+@pytest.mark.parametrize("name", ["7b", "paper"])
+def test_vllm_tensor_parallel_equals_generate(vllm_tp_results, checkpoints, name):
+    check_greedy(vllm_tp_results["instances"][name], checkpoints["models"][name][1])
+
+
+def check_greedy(got: dict, ref: dict) -> None:
     for row, (want, have) in enumerate(zip(ref["tokens"], got["greedy"], strict=True)):
         assert have == want, f"prompt {row} ({PROMPT_LENGTHS[row]} tokens): vLLM {have}, generate() {want}"
     for want, have in zip(ref["logprobs"], got["logprobs"], strict=True):
@@ -351,9 +385,10 @@ def test_vllm_serve_completions_streaming_and_stop(server, checkpoints):
 
     url, model = server
     tok = PreTrainedTokenizerFast.from_pretrained(checkpoints["models"]["paper"][0])
-    ref = checkpoints["models"]["paper"][1]["tokens"]
     prompts = checkpoints["prompts"]
-    expected = [tok.decode(r) for r in ref]
+    # the server stops at the model's EOS (id 1), which generate() was told to ignore
+    ref = [r[: r.index(1) + 1] if 1 in r else r for r in checkpoints["models"]["paper"][1]["tokens"]]
+    expected = [tok.decode(r, skip_special_tokens=True) for r in ref]
 
     # concurrent requests, more than --max-num-seqs: each the reference text, with a logprob per token
     answers: dict[int, dict] = {}
@@ -367,11 +402,12 @@ def test_vllm_serve_completions_streaming_and_stop(server, checkpoints):
         t.join()
     for j in range(len(prompts)):
         assert answers[j]["text"] == expected[j], (j, answers[j]["text"], expected[j])
-        assert len(answers[j]["logprobs"]["token_logprobs"]) == NEW_TOKENS
-        assert answers[j]["finish_reason"] == "length"
+        assert len(answers[j]["logprobs"]["token_logprobs"]) == len(ref[j])
+        assert answers[j]["finish_reason"] == ("stop" if ref[j][-1] == 1 else "length")
 
     # streaming: the same text in several server-sent events
-    body = {"model": model, "prompt": prompts[1], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
+    j = max(range(len(prompts)), key=lambda j: len(expected[j]))
+    body = {"model": model, "prompt": prompts[j], "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True}
     pieces = []
     with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as response:
         assert response.status_code == 200
@@ -379,9 +415,9 @@ def test_vllm_serve_completions_streaming_and_stop(server, checkpoints):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             pieces.append(json.loads(line[len("data: ") :])["choices"][0]["text"])
-    assert "".join(pieces) == expected[1] and len([p for p in pieces if p]) > 1
+    assert "".join(pieces) == expected[j] and len([p for p in pieces if p]) > 1
 
     # a stop string ends the completion before it
-    stop = expected[1][4]
-    stopped = completion(url, model, prompts[1], stop=[stop])
-    assert stopped["text"] == expected[1][: expected[1].index(stop)] and stopped["finish_reason"] == "stop"
+    stop = expected[j][4]
+    stopped = completion(url, model, prompts[j], stop=[stop])
+    assert stopped["text"] == expected[j][: expected[j].index(stop)] and stopped["finish_reason"] == "stop"
