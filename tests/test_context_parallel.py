@@ -6,7 +6,7 @@ stack with an sLSTM block and causal convs, the loss, every logit and every para
 model under CP equal those of the same model run whole on the whole batch, for plain rows, padded rows (left padding
 longer than a rank's slice, holes) and packed documents that cross rank boundaries (one spans three ranks, one starts
 exactly on a boundary, one is a single token), with 13 tokens per rank (not a multiple of the chunk size 8) and with
-gradient checkpointing (reentrant and not) on some cases.
+gradient checkpointing (reentrant and not) on some cases; on dp 2 x cp 2 also under FSDP2 (HSDP over the mesh).
 
 Tolerance: 2e-5 of the largest magnitude of the loss, of the logits, of all the gradients. Both runs compute in float32;
 CP runs the same sums in another order: the chunks restart at every rank boundary, a rank's initial state is the
@@ -128,7 +128,7 @@ def run_workers(tmp_path: Path, dp: int, cp: int) -> dict:
 def test_context_parallel_equals_one_process(tmp_path, dp, cp):
     report = run_workers(tmp_path, dp, cp)
     errors = report["errors"]
-    assert len(errors) >= 2 * 3 * 3, sorted(errors)  # 2 stacks x 3 batches x (loss, logits, gradients)
+    assert len(errors) >= 2 * 3 * 3 + 2 * (dp > 1), sorted(errors)  # 2 stacks x 3 batches x 3 (+ FSDP2 under dp)
     worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
     assert worst[0][1] <= TOLERANCE, worst
     for name, message in report["set_up_errors"].items():
@@ -249,6 +249,43 @@ def _set_up_errors(mesh, model) -> dict[str, str | None]:
     }
 
 
+def _fsdp2_errors(mesh, rows: int, S: int) -> dict[str, float]:
+    """The 7b stack under FSDP2 on the dp x cp mesh (HSDP: replicated over dp, sharded over cp, every block then the
+    root, as `_no_split_modules` asks) and CP over cp, packed rows: loss and gradients against one process. FSDP2
+    averages the gradients over all ranks, so each rank's loss share is scaled by their number."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from xlstm_hf.context_parallel import shard_batch
+
+    _, model = next(_models())
+    reference = copy.deepcopy(model)
+    batch = _batches(mesh["dp"].size() * rows, S, mesh["cp"].size())["packed"]
+    ref = reference(**batch, use_cache=False)
+    ref.loss.backward()
+    for block in model.backbone.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    enable_context_parallel(model, mesh["cp"])
+    dp_rank = mesh["dp"].get_local_rank()
+    mine = shard_batch({k: v[dp_rank * rows : (dp_rank + 1) * rows] for k, v in batch.items()}, mesh)
+    targets = batch["labels"][:, 1:].ne(-100).sum()
+    out = model(**mine, num_items_in_batch=targets)
+    (out.loss * dist.get_world_size()).backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    scale = max(float(q.grad.abs().max()) for q in reference.parameters())
+    grads = [p.grad.full_tensor() for p in model.parameters()]
+    return {
+        "7b/fsdp2/packed/loss": _relative_error(loss, ref.loss.detach()),
+        "7b/fsdp2/packed/gradients": max(
+            float((g - q.grad).abs().max()) / scale for g, q in zip(grads, reference.parameters(), strict=True)
+        ),
+    }
+
+
 def worker(dp: int, cp: int) -> None:
     import copy
 
@@ -303,6 +340,8 @@ def worker(dp: int, cp: int) -> None:
             )
         if not set_up_errors:
             set_up_errors = _set_up_errors(mesh, model)
+    if dp > 1:
+        errors.update(_fsdp2_errors(mesh, rows, S))
 
     gathered = [None] * world
     dist.all_gather_object(gathered, errors)

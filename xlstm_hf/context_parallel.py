@@ -9,8 +9,10 @@ layers already call (no second copy of any recurrence):
            of the slice's own inputs) and its total log forget gate G. One all-gather of the summaries [P, B, NH,
            DK * DV + DK + 2] per layer (independent of S); each rank combines its predecessors' summaries into its
            true initial state (log-space weights, float32) and runs its slice from it. Backward: the summaries'
-           gradients are summed over the ranks (one all-reduce) and flow into the zero-state runs. Cost: the
-           chunkwise op runs twice per layer (summary and outputs), forward and backward.
+           gradients are summed over the ranks (one all-reduce) and flow into the zero-state runs. Cost: a middle
+           rank runs the chunkwise op twice per layer (summary and outputs; the summary's activations recomputed in
+           the backward), the first rank once (its outputs' run is its summary's), the last once (no rank reads its
+           summary).
     sLSTM  not affine in its state (h enters the gates through tanh and sigmoids): the state goes from rank to rank in
            order (send/recv of [4, B, NH, DH]), and the gradient back in reverse order. The sLSTM layers run one rank
            after another: wall time of P slices, not one, for those layers (the memory is still split P ways).
@@ -211,12 +213,6 @@ def disable_context_parallel(model: nn.Module) -> nn.Module:
     return model
 
 
-def context_parallel_group(model: nn.Module) -> dist.ProcessGroup | None:
-    """The group that `enable_context_parallel` attached to `model`, or None."""
-    handles = [b.context_parallel for b in _backbones(model) if b.context_parallel is not None]
-    return handles[0].group if handles else None
-
-
 class ContextParallel:
     """What `enable_context_parallel` attaches to an xLSTMHFModel: the group; `shard` describes one forward's slice."""
 
@@ -253,11 +249,11 @@ class ContextParallel:
 class _Sequences:
     """The sequences a layer's ops run on (the B rows, or the documents of packed rows) and the rows they meet:
     first_continues [N] bool: sequence continues the previous rank's state (the first one of a continuing row);
-    row [N]: its row; last [B]: the sequence that ends each row."""
+    row [N]: its row; last [B]: the sequence that ends each row (None: the sequences are the rows)."""
 
     first_continues: torch.Tensor
     row: torch.Tensor
-    last: torch.Tensor
+    last: torch.Tensor | None
 
 
 @dataclass
@@ -319,7 +315,6 @@ class ContextParallelShard:
             summary = q.new_zeros(q.shape[0], NH, DK * DV + DK + 2, dtype=torch.float32)  # read by no rank
         else:
             # 1. this slice's summary: from a zero state, m = -inf on a continuing sequence (the weight of the
-            # previous ranks' state enters in the combine), the empty state on a document that starts here
             # previous ranks' state enters in the combine), the empty state on a document that starts here. Its
             # activations are recomputed in the backward, after the outputs' run has freed its own: the rank holds
             # one run's at a time (13.7 GB less per middle rank for the xLSTM-7B at 131k tokens per rank)
@@ -457,7 +452,6 @@ __all__ = [
     "ContextParallel",
     "ContextParallelShard",
     "combine_summaries",
-    "context_parallel_group",
     "disable_context_parallel",
     "enable_context_parallel",
     "shard_batch",
