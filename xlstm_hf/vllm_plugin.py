@@ -37,6 +37,12 @@ PREFIX_CACHING_REFUSED = (
 )
 
 
+SPECULATIVE_REFUSED = (
+    "xLSTM (xlstm_hf vLLM plugin) does not support speculative decoding (speculative_config, --speculative-config): "
+    "its layers step one token per sequence and keep no per-draft-token states to roll back to"
+)
+
+
 def xlstm_config(hf_config: Any) -> xLSTMConfig:
     """The xLSTMConfig of a checkpoint as vLLM read it: ours as is, transformers' built-in one (``model_type:
     xlstm``) translated field by field (convert.py). Raises ValueError naming the field of a config it cannot serve."""
@@ -116,6 +122,8 @@ def config_hook() -> type:
         def verify_and_update_config(cls, vllm_config: Any) -> None:
             if vllm_config.cache_config.enable_prefix_caching:
                 raise ValueError(PREFIX_CACHING_REFUSED)
+            if vllm_config.speculative_config is not None:
+                raise ValueError(SPECULATIVE_REFUSED)
             parallel = vllm_config.parallel_config
             config = xlstm_config(vllm_config.model_config.hf_config)
             device = getattr(vllm_config.device_config, "device_type", "cuda")
