@@ -317,7 +317,7 @@ class ContextParallelShard:
             # 1. this slice's summary: from a zero state, m = -inf on a continuing sequence (the weight of the
             # previous ranks' state enters in the combine), the empty state on a document that starts here. Its
             # activations are recomputed in the backward, after the outputs' run has freed its own: the rank holds
-            # one run's at a time (13.7 GB less per middle rank for the xLSTM-7B at 131k tokens per rank)
+            # one run's at a time (12.5 GB less per middle rank for the xLSTM-7B at 131k tokens per rank)
             m0 = torch.where(seqs.first_continues[:, None], torch.full_like(empty, float("-inf")), empty)
 
             def zero_state_summary(q, k, v, i, f):
