@@ -334,8 +334,7 @@ class sLSTMMixer(_Mixer):
         self.multihead_norm = _shard(MultiHeadLayerNorm(local, config.norm_eps))
 
     def fresh_state(self, n: int, device: torch.device) -> State:
-        h, c, nn_, m = slstm_empty_state(n, self.num_heads, self.head_dim, device)
-        hcnm = torch.stack([h, c, nn_, m], dim=1)  # [n, 4, NH, DH]
+        hcnm = torch.stack(slstm_empty_state(n, self.num_heads, self.head_dim, device), dim=1)  # [n, 4, NH, DH]
         if self.conv1d is None:
             return (hcnm,)
         return hcnm, torch.zeros(n, *self.state_shapes[1], dtype=self.state_dtypes[1], device=device)
