@@ -143,6 +143,8 @@ CONFIGS = {
     "7b": dict(architecture="7b", hidden_size=64, num_hidden_layers=2, num_heads=2, chunk_size=16),
     # the paper's stack with an sLSTM block between mLSTM blocks, causal convs in both, empty memory at m = -inf
     "paper": dict(architecture="paper", hidden_size=64, num_hidden_layers=3, num_heads=2, slstm_at=[1], chunk_size=16),
+    # sLSTM blocks only, without conv: a state slot of (h, c, n, m) alone
+    "slstm": dict(architecture="paper", hidden_size=64, num_hidden_layers=2, slstm_at=[0, 1], conv1d_kernel_size=0),
 }
 
 
@@ -201,7 +203,7 @@ def engine(chunked: bool) -> dict:
 
 
 SAMPLING = {"temperature": 1.0, "n": 2, "seed": 1234, "max_tokens": 8}
-RUNS = [("7b", True), ("7b", False), ("paper", True), ("paper", False), ("builtin", True)]
+RUNS = [("7b", True), ("7b", False), ("paper", True), ("paper", False), ("slstm", True), ("builtin", True)]
 
 
 def run_child(checkpoints: dict, job: dict, name: str, env: dict[str, str]) -> dict:
