@@ -324,6 +324,13 @@ def test_vllm_seeded_sampling_is_reproducible(vllm_results, checkpoints, name):
 
 
 @pytest.mark.slow
+def test_vllm_registration_is_idempotent(vllm_results):
+    # the entry point ran through vLLM's plugin loader and twice more by hand, then in every LLM of the child
+    assert vllm_results["registered"] == ["xLSTMHFForCausalLM", "xLSTMForCausalLM"]
+    assert vllm_results["instances"], "no LLM ran after the repeated registration"
+
+
+@pytest.mark.slow
 def test_vllm_refuses_unservable_checkpoints_at_startup(vllm_results):
     refused = vllm_results["refused"]
     assert "architecture" in refused["variant"] and "'7c'" in refused["variant"], refused["variant"]
