@@ -15,6 +15,8 @@
    an sLSTM block, and a 7B-style stack), losses and parameters after the steps; then greedy generation, tokens equal,
    and prompt lookup decoding (the fused step under a cache that records and rolls back) equal to greedy.
 4. scripts/benchmark_kernels.py at reduced repeats (S 2k and 8k), and the sLSTM at column tiles 16, 32, 64.
+5. With --vllm-python (an environment with the CUDA `vllm` and xlstm_hf, README "Serving"): tests/test_vllm.py on
+   CUDA and scripts/benchmark_serving.py --cuda (issue 22).
 Writes one JSON (device, versions, every figure, pass/fail) and exits non-zero when a check failed. It needs CUDA and
 says so otherwise. It has not yet run on a GPU: its run time there is unmeasured.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -268,11 +271,38 @@ def run_kernel_tests() -> dict:
                 output_tail=proc.stdout[-4000:])  # fmt: skip
 
 
+def run_vllm_checks(vllm_python: Path | None, bench: bool) -> dict:
+    """Issue 22 on CUDA: tests/test_vllm.py (vLLM's greedy tokens and logprobs equal generate()'s, sampling, start-up
+    refusals, the OpenAI server) with the vLLM of `vllm_python`, an environment holding the CUDA `vllm` and xlstm_hf
+    (README "Serving"); then scripts/benchmark_serving.py --cuda (the 7B shape's decode tokens/s at batch 1 and 64
+    against the HBM bound; not with --skip-bench). Skipped, and said so, without such an environment."""
+    if vllm_python is None:
+        print("skip vLLM checks: no --vllm-python (an environment with vllm and xlstm_hf)", flush=True)
+        return dict(name="vLLM (tests/test_vllm.py on CUDA)", skipped="no --vllm-python", passed=True)
+    env = {**os.environ, "XLSTM_VLLM_PYTHON": str(vllm_python)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_vllm.py"],
+        cwd=ROOT, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr[-500:]
+    print(f"{'ok' if proc.returncode == 0 else 'FAIL':4s} vLLM exactness on CUDA: {summary}", flush=True)
+    record = dict(name="vLLM (tests/test_vllm.py on CUDA)", summary=summary, passed=proc.returncode == 0,
+                  output_tail=proc.stdout[-4000:])  # fmt: skip
+    if bench:
+        run = subprocess.run(
+            [str(vllm_python), "scripts/benchmark_serving.py", "--cuda"], cwd=ROOT, capture_output=True, text=True
+        )
+        serving = ROOT / "benchmarks" / "serving_cuda.json"
+        record["serving"] = json.loads(serving.read_text()) if run.returncode == 0 else run.stderr[-4000:]
+    return record
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "gpu_check.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-bench", action="store_true", help="correctness checks only")
+    parser.add_argument("--vllm-python", type=Path, help="Python of an environment with vllm and xlstm_hf (issue 22)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print(
@@ -285,8 +315,9 @@ def main() -> int:
     import triton
 
     start = time.perf_counter()
-    sections: dict[str, list] = {"kernel_tests": [], "real_shapes": [], "models": []}
+    sections: dict[str, list] = {"kernel_tests": [], "real_shapes": [], "models": [], "vllm": []}
     sections["kernel_tests"].append(run_kernel_tests())
+    sections["vllm"].append(run_vllm_checks(args.vllm_python, bench=not args.skip_bench))
     for check in (check_mlstm_chunk, check_mlstm_step, check_slstm):
         try:
             check(sections["real_shapes"])

@@ -711,7 +711,9 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         "xLSTM does not support transformers' continuous batching (generate_batch, init_continuous_batching, "
         "generate(cache_implementation='paged'), transformers serve --continuous-batching): it pages an attention "
         "KV cache, and an xLSTM's state is one fixed-size recurrent state per sequence. Use generate() with a "
-        "left-padded batch (tokenizer padding_side='left', pass the attention_mask); a vLLM plugin is planned."
+        "left-padded batch (tokenizer padding_side='left', pass the attention_mask), or serve the model with "
+        "vLLM, whose continuous batching keeps one recurrent state per sequence (xlstm_hf's vLLM plugin: README "
+        "'Serving')."
     )
 
     def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
