@@ -115,10 +115,10 @@ def test_set_up_refuses_without_a_process_group():
 # --- one process per rank --------------------------------------------------------------------------------------
 
 
-def run_workers(tmp_path: Path, dp: int, cp: int) -> dict:
-    out = tmp_path / f"dp{dp}_cp{cp}.json"
+def run_workers(tmp_path: Path, dp: int, cp: int, backend: str = "torch") -> dict:
+    out = tmp_path / f"dp{dp}_cp{cp}_{backend}.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", OUT=str(out), PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
-    cmd = [*TORCHRUN, f"--nproc_per_node={dp * cp}", __file__, str(dp), str(cp)]
+    cmd = [*TORCHRUN, f"--nproc_per_node={dp * cp}", __file__, str(dp), str(cp), backend]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
@@ -133,6 +133,16 @@ def test_context_parallel_equals_one_process(tmp_path, dp, cp):
     assert worst[0][1] <= TOLERANCE, worst
     for name, message in report["set_up_errors"].items():
         assert message is not None, f"{name}: no ValueError"
+
+
+def test_context_parallel_runs_the_triton_kernels(tmp_path):
+    """backend="triton" under CP (the kernels interpreted on CPU, or compiled on CUDA): the exchange hands the
+    chunkwise and sLSTM kernels their initial states and reads their final states, and the loss, logits and
+    gradients equal one process's through the PyTorch ops. The kernels ran (counted), no fallback."""
+    report = run_workers(tmp_path, 1, 2, backend="triton")
+    assert report["kernel_calls"]["mlstm_chunkwise_triton"] > 0 and report["kernel_calls"]["slstm_triton"] > 0
+    worst = sorted(report["errors"].items(), key=lambda kv: -kv[1])[:5]
+    assert len(report["errors"]) == 2 * 3 * 3 and worst[0][1] <= TOLERANCE, worst
 
 
 # --- examples/train.py under torchrun ------------------------------------------------------------------------------
@@ -177,18 +187,19 @@ def test_train_example_refuses_a_split_it_cannot_make():
 # --- the worker -------------------------------------------------------------------------------------------------
 
 
-def _models():
+def _models(backend: str = "torch"):
     """The two stacks, each with one seed on every rank and every parameter perturbed (no init symmetry)."""
     from conftest import randomize_, tiny_config
 
     import xlstm_hf
 
+    chunk = dict(chunk_size=16) if backend == "triton" else {}  # the Triton chunkwise kernel's smallest chunk
     for name, config in (
-        ("7b", tiny_config("7b", num_hidden_layers=2)),
-        ("paper", tiny_config("paper", num_hidden_layers=3, slstm_at=[1])),  # mLSTM, sLSTM, mLSTM: convs in all three
+        ("7b", tiny_config("7b", num_hidden_layers=2, **chunk)),
+        ("paper", tiny_config("paper", num_hidden_layers=3, slstm_at=[1], **chunk)),  # convs in all three blocks
     ):
         torch.manual_seed(0)
-        yield name, randomize_(xlstm_hf.xLSTMForCausalLM(config, backend="torch"))
+        yield name, randomize_(xlstm_hf.xLSTMForCausalLM(config, backend=backend))
 
 
 def _batches(B: int, S: int, cp: int) -> dict[str, dict[str, torch.Tensor]]:
@@ -286,7 +297,26 @@ def _fsdp2_errors(mesh, rows: int, S: int) -> dict[str, float]:
     }
 
 
-def worker(dp: int, cp: int) -> None:
+def _count_kernel_calls() -> dict[str, int]:
+    """Hands recurrent_ops the Triton kernels (interpreted without CUDA) and counts their calls."""
+    from kernel_testing import use_kernels_in_recurrent_ops
+
+    from xlstm_hf import recurrent_ops
+
+    use_kernels_in_recurrent_ops(pytest.MonkeyPatch())
+    calls = {"mlstm_chunkwise_triton": 0, "slstm_triton": 0}
+    for name in calls:
+        kernel = getattr(recurrent_ops, name)
+
+        def counted(*args, _kernel=kernel, _name=name, **kwargs):
+            calls[_name] += 1
+            return _kernel(*args, **kwargs)
+
+        setattr(recurrent_ops, name, counted)
+    return calls
+
+
+def worker(dp: int, cp: int, backend: str = "torch") -> None:
     import copy
 
     import torch.distributed as dist
@@ -301,8 +331,13 @@ def worker(dp: int, cp: int) -> None:
     rows, S = 3, cp * PER_RANK
     errors: dict[str, float] = {}
     set_up_errors = {}
-    for model_name, model in _models():
-        reference = copy.deepcopy(model)  # one process, whole rows (every rank computes it alike)
+    kernel_calls = _count_kernel_calls() if backend == "triton" else {}
+    for model_name, model in _models(backend):
+        # one process, whole rows (every rank computes it alike), through the PyTorch ops
+        reference = copy.deepcopy(model)
+        if backend != "torch":
+            reference = type(model)(model.config, backend="torch")
+            reference.load_state_dict(model.state_dict())
         enable_context_parallel(model, mesh["cp"], sequence_length=S)
         for case, batch in _batches(dp * rows, S, cp).items():
             reference.zero_grad()
@@ -347,7 +382,8 @@ def worker(dp: int, cp: int) -> None:
     dist.all_gather_object(gathered, errors)
     if rank == 0:
         worst = {k: max(e[k] for e in gathered) for k in errors}
-        Path(os.environ["OUT"]).write_text(json.dumps({"errors": worst, "set_up_errors": set_up_errors}, indent=1))
+        report = {"errors": worst, "set_up_errors": set_up_errors, "kernel_calls": kernel_calls}
+        Path(os.environ["OUT"]).write_text(json.dumps(report, indent=1))
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()
@@ -356,4 +392,4 @@ def worker(dp: int, cp: int) -> None:
 
 
 if __name__ == "__main__":
-    worker(int(sys.argv[1]), int(sys.argv[2]))
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
