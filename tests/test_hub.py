@@ -37,7 +37,8 @@ REPO = "org/xlstm-tiny"
 MAX_SHARD_SIZE = 20_000  # bytes: the tiny model's 130 kB of weights in several shards
 PACKAGE_DIR = Path(xlstm_hf.__file__).parent
 # Files of the package that the model does not need at run time: they must not travel with the weights.
-NOT_MODEL_CODE = {"__init__.py", "hub.py"}
+# the Hub push code, and the vLLM plugin (it runs inside vLLM from the installed package, never as remote code)
+NOT_MODEL_CODE = {"__init__.py", "hub.py", "vllm_plugin.py", "vllm_xlstm.py"}
 TEXT = "w1 w2 w3 w5 w8 w13 w21 w34 w55 w89 w0 w7 w42"
 
 
