@@ -200,25 +200,30 @@ def test_a_recording_cache_rolls_back_to_the_state_after_any_prefix(architecture
             assert states_close(cache, want), f"crop(-{r})"
 
 
-def test_rollback_over_several_one_token_forwards_and_from_the_empty_state():
-    """A draft model records one forward per token before its crop; a recording prefill keeps only what a crop
-    may remove; rolling back over every token of a recording cache's first forward empties it."""
+def test_rollback_over_one_token_forwards_grown_candidates_and_from_the_empty_state():
+    """A draft model records one forward per token before its crop; a prefill keeps only what a crop of the
+    candidates after it may remove (a crop beyond that is refused and leaves the state); a verification forward of
+    more candidates than `recurrent_states_to_keep` (transformers' heuristic schedule grows them) rolls back over all
+    of them; rolling back over every token of a recording cache's first forward empties it."""
     model = make()
-    ids = torch.randint(1, 96, (1, 12))
+    ids = torch.randint(1, 96, (1, 16))
     with torch.no_grad():
         cache = xlstm_hf.xLSTMCache(model.config, 1)
         cache.activate_past_recording(recurrent_states_to_keep=3)
         model(ids[:, :2], cache=cache, use_cache=True)
         cache.crop(-2)
         assert cache.get_seq_length() == 0 and cache.states == [None] * len(cache)
-        model(ids[:, :8], cache=cache, use_cache=True)  # 8 tokens: only the last 3 can be removed
+        model(ids[:, :8], cache=cache, use_cache=True)  # a prefill: the last 3 tokens can be removed, not 4
+        with raises_naming("4", "3"):
+            cache.crop(-4)
+        assert cache.get_seq_length() == 8 and states_close(cache, model(ids[:, :8], use_cache=True).cache)
         for t in range(8, 11):
             model(ids[:, t : t + 1], cache=cache, use_cache=True)
         cache.crop(-3)
         assert states_close(cache, model(ids[:, :8], use_cache=True).cache)
-        model(ids[:, 8:12], cache=cache, use_cache=True)
-        with raises_naming("4", "3"):  # the forward recorded the states of 3 tokens back, not 4
-            cache.crop(-4)
+        model(ids[:, 8:15], cache=cache, use_cache=True)  # 1 + 6 candidates, more than the 3 asked for
+        cache.crop(-6)
+        assert cache.get_seq_length() == 9 and states_close(cache, model(ids[:, :9], use_cache=True).cache)
 
 
 def test_crop_refuses_what_it_cannot_do():

@@ -229,6 +229,23 @@ def test_assisted_generation_equals_greedy(family, draft):
 
 
 @needs_rollback
+@pytest.mark.parametrize("family", ["mixed", "7b"])
+def test_assisted_generation_with_a_growing_number_of_candidates(family):
+    """The "heuristic" schedule drafts 2 more candidates after every round that accepts all of them: the target then
+    verifies more than the count its cache was told at activation, and rolls back over them when some are rejected
+    (a draft close to the target, which accepts long runs and then rejects)."""
+    model, prompt = make(family), copy_task_prompt()
+    draft = randomize_(copy.deepcopy(model), 0.02)
+    draft.generation_config.update(
+        num_assistant_tokens=3, num_assistant_tokens_schedule="heuristic", assistant_confidence_threshold=0.0
+    )
+    greedy = model.generate(prompt, max_new_tokens=60, do_sample=False)
+    lengths = forward_lengths(model)
+    assert torch.equal(model.generate(prompt, max_new_tokens=60, do_sample=False, assistant_model=draft), greedy)
+    assert max(lengths[1:]) > 3 + 1  # the candidates grew past the 3 of the activation
+
+
+@needs_rollback
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_prompt_lookup_decoding_equals_greedy(family):
     """Candidates looked up in the prompt and the text so far are verified; the tokens are greedy's (the "slstm"

@@ -15,6 +15,10 @@ from .configuration_xlstm import xLSTMConfig
 # assisted and prompt-lookup decoding need
 HAS_ROLLBACK_PROTOCOL = hasattr(Cache, "get_recurrent_states_to_keep")
 
+# How many tokens back a recording cache can always roll, beyond `recurrent_states_to_keep`: transformers' "heuristic"
+# schedule of assisted decoding drafts more candidates than the count it gave at activation once all are accepted.
+ROLLBACK_WINDOW = 64
+
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
     """Same device type, and the same index where both name one ("cuda" matches "cuda:0")."""
@@ -52,7 +56,7 @@ class xLSTMCacheLayer(CacheLayerMixin):
     Rollback (transformers' protocol for recurrent caches, speculative decoding): after `activate_past_recording`,
     `record_past` is True and a forward records, besides the final state, the states after its last positions
     (`history`: `history[-r]` is the state with the last r tokens removed, None for the empty state), at most
-    `recurrent_states_to_keep` of them; `rollback(r)` restores one and forgets the rest."""
+    max(`recurrent_states_to_keep`, ROLLBACK_WINDOW) of them; `rollback(r)` restores one and forgets the rest."""
 
     supports_early_init = False  # the shapes are the block's: nothing to allocate before the prefill
 
@@ -89,7 +93,7 @@ class xLSTMCacheLayer(CacheLayerMixin):
             history = [*self.history, before, *states[:-1]]
         else:
             history = list(states[:-1])
-        self.history = history[-self.recurrent_states_to_keep :]  # a crop removes at most that many
+        self.history = history[-max(self.recurrent_states_to_keep, ROLLBACK_WINDOW) :]
         self.set_state(states[-1], state_dtype)
 
     def rollback(self, tokens: int, state_dtype: torch.dtype) -> None:
@@ -273,10 +277,17 @@ class xLSTMCache(Cache):
             layer.activate_past_recording(recurrent_states_to_keep)
 
     def positions_to_record(self, tokens: int) -> int:
-        """How many of a forward's last positions must return their states (0: not recording): the candidates of a
-        verification forward, never more than a crop can remove, plus the position before them."""
+        """How many of a forward's last positions must return their states (0: not recording). A forward that fills
+        an empty cache (a prompt, and the first candidates after it) or a long one: the last `recurrent_states_to_keep`
+        + 1. A shorter one on a filled cache (the candidates of a verification forward, a draft's tokens): all of
+        them, as many as a crop may remove when the number of candidates grows."""
         keep = [layer.recurrent_states_to_keep for layer in self.layers if layer.record_past]
-        return min(tokens, max(keep) + 1) if keep else 0
+        if not keep:
+            return 0
+        keep = max(keep)
+        if not self.layers[0].filled or tokens > max(keep, ROLLBACK_WINDOW) + 1:
+            return min(tokens, keep + 1)
+        return tokens
 
     def record_states(self, layer_idx: int, states: list[tuple[torch.Tensor | None, ...]], tokens: int) -> None:
         """A recording forward's states for one block (see `xLSTMCacheLayer.record`)."""
