@@ -1,5 +1,7 @@
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +51,31 @@ def raises_naming(*facts: str, error: type[Exception] = ValueError) -> Iterator[
     message = str(info.value)
     missing = [fact for fact in facts if fact not in message]
     assert not missing, f"the message does not name {missing}: {message!r}"
+
+
+def fuse_builtin_checkpoint(path: Path) -> None:
+    """Rewrite a checkpoint of transformers' built-in xLSTM saved in its single layout (the built-in cannot init
+    weight_mode="fused" itself) into its weight_mode="fused" layout: q/k/v/output gate, input/forget gate and the
+    feed-forward's up-projections each one matrix."""
+    from safetensors.torch import load_file, save_file
+
+    single = load_file(path / "model.safetensors")
+    fused = {}
+    for key, value in single.items():
+        if ".mlstm_layer.q." in key:
+            pre = key.split(".mlstm_layer.q.")[0]
+            fused[pre + ".mlstm_layer.qkv_opreact.weight"] = torch.cat(
+                [single[f"{pre}.mlstm_layer.{n}.weight"] for n in ("q", "k", "v", "ogate_preact")]
+            )
+            for kind in ("weight", "bias"):
+                fused[f"{pre}.mlstm_layer.ifgate_preact.{kind}"] = torch.cat(
+                    [single[f"{pre}.mlstm_layer.{g}_preact.{kind}"] for g in ("igate", "fgate")]
+                )
+            fused[pre + ".ffn.proj_up_gate_z.weight"] = torch.cat(
+                [single[pre + ".ffn.proj_up_gate.weight"], single[pre + ".ffn.proj_up.weight"]]
+            )
+        elif not any(s in key for s in (".k.", ".v.", "gate_preact", "proj_up_gate.", "proj_up.")):
+            fused[key] = value
+    save_file(fused, path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "weight_mode": "fused"}))

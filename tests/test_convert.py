@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
+from conftest import fuse_builtin_checkpoint, randomize_
 from safetensors.torch import load_file, save_file
 
 import xlstm_hf
@@ -75,28 +75,8 @@ def transformers_xlstm_dir(tmp_path: Path, fused: bool = False, **fields) -> tup
     assert config.to_dict()["num_hidden_layers"] == 32
     ref = randomize_(BuiltinModel(config)).eval()
     ref.save_pretrained(tmp_path)
-    if fused:  # the built-in cannot init weight_mode="fused" itself; write that layout from the single one
-        sd = load_file(tmp_path / "model.safetensors")
-        out = {}
-        for key, value in sd.items():
-            if ".mlstm_layer.q." in key:
-                pre = key.split(".mlstm_layer.q.")[0]
-                out[pre + ".mlstm_layer.qkv_opreact.weight"] = torch.cat(
-                    [sd[f"{pre}.mlstm_layer.{n}.weight"] for n in ("q", "k", "v", "ogate_preact")]
-                )
-                for kind in ("weight", "bias"):
-                    out[f"{pre}.mlstm_layer.ifgate_preact.{kind}"] = torch.cat(
-                        [sd[f"{pre}.mlstm_layer.{g}_preact.{kind}"] for g in ("igate", "fgate")]
-                    )
-                out[pre + ".ffn.proj_up_gate_z.weight"] = torch.cat(
-                    [sd[pre + ".ffn.proj_up_gate.weight"], sd[pre + ".ffn.proj_up.weight"]]
-                )
-            elif not any(s in key for s in (".k.", ".v.", "gate_preact", "proj_up_gate.", "proj_up.")):
-                out[key] = value
-        save_file(out, tmp_path / "model.safetensors", metadata={"format": "pt"})
-        cfg = json.loads((tmp_path / "config.json").read_text())
-        cfg["weight_mode"] = "fused"
-        (tmp_path / "config.json").write_text(json.dumps(cfg))
+    if fused:
+        fuse_builtin_checkpoint(tmp_path)
     return tmp_path, ref
 
 

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import randomize_
-from safetensors.torch import load_file, save_file
+from conftest import fuse_builtin_checkpoint, randomize_
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -116,27 +115,9 @@ def builtin_checkpoint(path: Path) -> None:
 
     config = BuiltinConfig(vocab_size=VOCAB, hidden_size=128, num_blocks=2, num_heads=4, chunk_size=16)
     randomize_(BuiltinModel(config)).save_pretrained(path)
-    single = load_file(path / "model.safetensors")
-    fused = {}
-    for key, value in single.items():
-        if ".mlstm_layer.q." in key:
-            pre = key.split(".mlstm_layer.q.")[0]
-            fused[pre + ".mlstm_layer.qkv_opreact.weight"] = torch.cat(
-                [single[f"{pre}.mlstm_layer.{n}.weight"] for n in ("q", "k", "v", "ogate_preact")]
-            )
-            for kind in ("weight", "bias"):
-                fused[f"{pre}.mlstm_layer.ifgate_preact.{kind}"] = torch.cat(
-                    [single[f"{pre}.mlstm_layer.{g}_preact.{kind}"] for g in ("igate", "fgate")]
-                )
-            fused[pre + ".ffn.proj_up_gate_z.weight"] = torch.cat(
-                [single[pre + ".ffn.proj_up_gate.weight"], single[pre + ".ffn.proj_up.weight"]]
-            )
-        elif not any(s in key for s in (".k.", ".v.", "gate_preact", "proj_up_gate.", "proj_up.")):
-            fused[key] = value
-    save_file(fused, path / "model.safetensors", metadata={"format": "pt"})
     config_json = json.loads((path / "config.json").read_text())
     assert config_json["architectures"] == ["xLSTMForCausalLM"] and config_json["model_type"] == "xlstm"
-    (path / "config.json").write_text(json.dumps({**config_json, "weight_mode": "fused"}))
+    fuse_builtin_checkpoint(path)
 
 
 CONFIGS = {
