@@ -158,12 +158,16 @@ def parse_args() -> tuple[ScriptArguments, TrainingArguments]:
     return script_args, training_args
 
 
-# transformers 5.24 renamed TrainingArguments' gradient_checkpointing* to activation_checkpointing* and warns that the
-# old names are deprecated: the flags this script has always documented are passed on under the new names.
-RENAMED_FLAGS = {
-    "--gradient_checkpointing": "--activation_checkpointing",
-    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
-}
+# transformers 5.23 renamed TrainingArguments' gradient_checkpointing* to activation_checkpointing* and warns that the
+# old names are deprecated: the flags this script has always documented are passed on under the new names there.
+RENAMED_FLAGS = (
+    {
+        "--gradient_checkpointing": "--activation_checkpointing",
+        "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
+    }
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+    else {}
+)
 
 
 def renamed_flags(argv: list[str]) -> list[str]:

@@ -198,7 +198,9 @@ def measure_step(model: xLSTMForCausalLM, tokens: int, checkpointing: bool) -> S
     `shift_labels` under context parallelism, where `labels` would need the next rank's first token)."""
     params = list(model.parameters())
     if checkpointing:
-        model.activation_checkpointing_enable()  # gradient_checkpointing_enable in transformers 5; non-reentrant
+        # non-reentrant; activation_checkpointing_enable from transformers 5.23, gradient_checkpointing_enable before
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.train()
     ids = torch.zeros(1, tokens, dtype=torch.long)
     tracker = StorageTracker()

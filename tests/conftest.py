@@ -79,3 +79,28 @@ def fuse_builtin_checkpoint(path: Path) -> None:
     save_file(fused, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps({**config, "weight_mode": "fused"}))
+
+
+def generated_cache(out):
+    """The cache a generate() output (return_dict_in_generate=True) hands back: `cache` from transformers 5.24,
+    `past_key_values` before."""
+    from xlstm_hf.cache_xlstm import GENERATE_CACHE_NAME
+
+    return getattr(out, GENERATE_CACHE_NAME)
+
+
+def enable_checkpointing(model: torch.nn.Module, reentrant: bool | None = None) -> None:
+    """model.activation_checkpointing_enable (transformers >= 5.23), gradient_checkpointing_enable before."""
+    kwargs = None if reentrant is None else {"use_reentrant": reentrant}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def disable_checkpointing(model: torch.nn.Module) -> None:
+    """model.activation_checkpointing_disable (transformers >= 5.23), gradient_checkpointing_disable before."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()

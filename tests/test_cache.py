@@ -11,11 +11,11 @@ import inspect
 import pytest
 import torch
 import transformers
-from conftest import raises_naming, randomize_, tiny_config
+from conftest import generated_cache, raises_naming, randomize_, tiny_config
 from transformers import Cache, CacheLayerMixin, GenerationMixin
 
 import xlstm_hf
-from xlstm_hf.cache_xlstm import xLSTMCacheLayer
+from xlstm_hf.cache_xlstm import GENERATE_CACHE_NAME, xLSTMCacheLayer
 
 TRANSFORMERS = f"transformers {transformers.__version__}"
 
@@ -61,10 +61,10 @@ def test_generate_decodes_with_the_cache_made_before_its_compile_decision(monkey
 
     def spy_prepare(generation_config, model_kwargs, *args):
         prepare(generation_config, model_kwargs, *args)
-        made.append(model_kwargs.get("cache"))
+        made.append(model_kwargs.get(GENERATE_CACHE_NAME))
 
     def spy_criteria(*args, **kwargs):
-        seen.extend(a.get("cache") for a in (*args, *kwargs.values()) if isinstance(a, dict))
+        seen.extend(a.get(GENERATE_CACHE_NAME) for a in (*args, *kwargs.values()) if isinstance(a, dict))
         return criteria(*args, **kwargs)
 
     monkeypatch.setattr(model, "_prepare_cache_for_generation", spy_prepare)
@@ -78,7 +78,7 @@ def test_generate_decodes_with_the_cache_made_before_its_compile_decision(monkey
         f"{TRANSFORMERS} generate() no longer decides to compile through _valid_auto_compile_criteria with the cache "
         "made by _prepare_cache_for_generation: check that its compile decision still sees the xLSTMCache"
     )
-    assert out.cache is made[0], f"{TRANSFORMERS} generate() decoded with another cache than the one it made"
+    assert generated_cache(out) is made[0], f"{TRANSFORMERS} generate() decoded with another cache than the one it made"
 
 
 def test_generate_feeds_a_continued_prompt_from_get_seq_length(monkeypatch):
@@ -123,7 +123,7 @@ def test_cache_before_and_after_the_prefill():
     model = make()
     cache = xlstm_hf.xLSTMCache(model.config, 2)
     assert cache.states == [None] * 3 and cache.nbytes == 0 and cache.get_seq_length() == 0
-    assert cache.batch_size == cache.max_batch_size == 2
+    assert cache.batch_size == 2
     with torch.no_grad():
         model(torch.randint(1, 96, (2, 7)), cache=cache)
     kinds = [len(state) for state in cache.states]  # mLSTM: C, n, m, conv; sLSTM: h, c, n, m, conv

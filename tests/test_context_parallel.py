@@ -320,6 +320,7 @@ def worker(dp: int, cp: int, backend: str = "torch") -> None:
     import copy
 
     import torch.distributed as dist
+    from conftest import disable_checkpointing, enable_checkpointing
     from torch.distributed.device_mesh import init_device_mesh
 
     from xlstm_hf.context_parallel import shard_batch
@@ -349,9 +350,9 @@ def worker(dp: int, cp: int, backend: str = "torch") -> None:
             model.zero_grad()
             reentrant = {"padded": False, "packed": True}.get(case) if model_name == "paper" else None
             if reentrant is None:
-                model.activation_checkpointing_disable()
+                disable_checkpointing(model)
             else:
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+                enable_checkpointing(model, reentrant)
             mine = shard_batch({k: v[dp_rank * rows : (dp_rank + 1) * rows] for k, v in batch.items()}, mesh)
             out = model(**mine, num_items_in_batch=targets)
             out.loss.backward()

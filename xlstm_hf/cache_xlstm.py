@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import torch
 from transformers import Cache, CacheLayerMixin
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .configuration_xlstm import xLSTMConfig
 
 # transformers >= 5.25: recurrent caches record their past and roll back (`activate_past_recording`, `crop`), which
 # assisted and prompt-lookup decoding need
 HAS_ROLLBACK_PROTOCOL = hasattr(Cache, "get_recurrent_states_to_keep")
+
+# The name under which generate() holds the cache, passes it to the model and returns it: `cache` from transformers
+# 5.24 (which still accepts `past_key_values` from users, deprecated), `past_key_values` before. The model takes
+# either and returns it as `cache` (with `past_key_values` as a read-only alias).
+GENERATE_CACHE_NAME = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
 
 # How many tokens back a recording cache can always roll, beyond `recurrent_states_to_keep`: transformers' "heuristic"
 # schedule of assisted decoding drafts more candidates than the count it gave at activation once all are accepted.
@@ -203,7 +209,7 @@ class xLSTMCache(Cache):
             raise ValueError(f"xLSTMCache: batch_size={batch_size} must be >= 1")
         super().__init__(layers=[xLSTMCacheLayer() for _ in config.block_types])
         self.config = config
-        self.max_batch_size = batch_size
+        self._batch_size = batch_size
         self.device = device
         self.block_types = config.block_types
         self.seen_tokens = self._static(torch.zeros((), dtype=torch.long, device=device))
@@ -215,7 +221,7 @@ class xLSTMCache(Cache):
         return t
 
     def __repr__(self) -> str:
-        return f"xLSTMCache(batch_size={self.max_batch_size}, blocks={len(self)}, nbytes={self.nbytes})"
+        return f"xLSTMCache(batch_size={self._batch_size}, blocks={len(self)}, nbytes={self.nbytes})"
 
     @property
     def states(self) -> list[tuple[torch.Tensor | None, ...] | None]:
@@ -236,7 +242,7 @@ class xLSTMCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return self.max_batch_size
+        return self._batch_size
 
     @property
     def nbytes(self) -> int:
@@ -251,9 +257,9 @@ class xLSTMCache(Cache):
             raise ValueError(
                 f"cache was built for blocks {''.join(self.block_types)}, the model has {''.join(config.block_types)}"
             )
-        if self.max_batch_size != batch_size:
+        if self._batch_size != batch_size:
             raise ValueError(
-                f"cache was built for batch size {self.max_batch_size}, but the input has batch size {batch_size}"
+                f"cache was built for batch size {self._batch_size}, but the input has batch size {batch_size}"
             )
         for idx, layer in enumerate(self.layers):
             if layer.conv is not None and layer.conv.dtype != dtype:
@@ -314,7 +320,7 @@ class xLSTMCache(Cache):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Select batch rows (beam search)."""
         super().reorder_cache(beam_idx)
-        self.max_batch_size = int(beam_idx.shape[0])
+        self._batch_size = int(beam_idx.shape[0])
 
     def detach(self) -> xLSTMCache:
         """Detach the states from the graph in place (truncated back-propagation through time)."""

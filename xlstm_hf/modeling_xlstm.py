@@ -24,7 +24,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
-from .cache_xlstm import HAS_ROLLBACK_PROTOCOL, xLSTMCache
+from .cache_xlstm import GENERATE_CACHE_NAME, HAS_ROLLBACK_PROTOCOL, xLSTMCache
 from .checks import check_labels, check_model_inputs
 from .configuration_xlstm import xLSTMConfig
 from .convert import check_transformers_xlstm_load, load_fused_transformers_xlstm, read_transformers_xlstm_config
@@ -418,6 +418,11 @@ class xLSTMOutput(ModelOutput):
     cache: xLSTMCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
+    @property
+    def past_key_values(self) -> xLSTMCache | None:
+        """`cache` under its name before transformers 5.24 (read-only)."""
+        return self.cache
+
 
 @dataclass
 class xLSTMCausalLMOutput(ModelOutput):
@@ -427,6 +432,11 @@ class xLSTMCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     cache: xLSTMCache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+
+    @property
+    def past_key_values(self) -> xLSTMCache | None:
+        """`cache` under its name before transformers 5.24 (read-only)."""
+        return self.cache
 
 
 def _small_init_std(dim: int) -> float:
@@ -597,8 +607,9 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
         """input_ids [B, S] (or inputs_embeds [B, S, D]); attention_mask [B, S] (1 real, 0 padding) of these tokens;
         cache: the state after the previous tokens (None: an empty state). Packed rows (position_ids restarting at 0,
         or cu_seq_lens_q) run every document from an empty state."""
-        if "cache_params" in kwargs or "past_key_values" in kwargs:
-            cache = kwargs.pop("cache_params", None) or kwargs.pop("past_key_values", None) or cache
+        for other_name in ("past_key_values", "cache_params"):  # the cache's names before transformers 5.24, Mamba's
+            given = kwargs.pop(other_name, None)
+            cache = given if given is not None else cache
         check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, self.embeddings.weight.dtype)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         output_hidden_states = (
@@ -776,7 +787,11 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         transformers changes its signature or stops calling it before the compile decision."""
         if generation_mode == "assisted_generation" and not HAS_ROLLBACK_PROTOCOL:
             raise ValueError(xLSTMCache.ROLLBACK_REFUSED)
-        if model_kwargs.get("cache") is not None or generation_config.use_cache is False:
+        given = {name: model_kwargs.pop(name) for name in ("cache", "past_key_values") if name in model_kwargs}
+        if len([c for c in given.values() if c is not None]) > 1:
+            raise ValueError("generate() got both `cache` and `past_key_values`: pass the cache once")
+        model_kwargs[GENERATE_CACHE_NAME] = next((c for c in given.values() if c is not None), None)
+        if model_kwargs[GENERATE_CACHE_NAME] is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
@@ -784,7 +799,7 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         cache = xLSTMCache(self.config, rows, device=self.get_input_embeddings().weight.device)
         if getattr(generation_config, "is_assistant", False):
             cache.activate_past_recording(recurrent_states_to_keep=generation_config.num_assistant_tokens)
-        model_kwargs["cache"] = cache
+        model_kwargs[GENERATE_CACHE_NAME] = cache
 
     def prepare_inputs_for_generation(
         self,
@@ -799,7 +814,10 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         """The inputs of one generate() step: the new tokens (or the prompt's embeddings at the first step), the
         cache, and the attention mask of the new tokens only (the state carries the rest; an all-ones mask is
         dropped), no position ids. Written out rather than built on GenerationMixin's, which inspects the forward
-        signature of remote-code models at every step."""
+        signature of remote-code models at every step. The cache comes as `past_key_values` before transformers 5.24."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_values", None)
         if inputs_embeds is not None and is_first_iteration:
             embeds = inputs_embeds if next_sequence_length is None else inputs_embeds[:, -next_sequence_length:]
             inputs: dict[str, Any] = {"input_ids": None, "inputs_embeds": embeds.contiguous()}

