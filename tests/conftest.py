@@ -62,19 +62,20 @@ def fuse_builtin_checkpoint(path: Path) -> None:
     single = load_file(path / "model.safetensors")
     fused = {}
     for key, value in single.items():
-        if ".mlstm_layer.q." in key:
+        if ".mlstm_layer.q.weight" in key:
             pre = key.split(".mlstm_layer.q.")[0]
-            fused[pre + ".mlstm_layer.qkv_opreact.weight"] = torch.cat(
-                [single[f"{pre}.mlstm_layer.{n}.weight"] for n in ("q", "k", "v", "ogate_preact")]
-            )
-            for kind in ("weight", "bias"):
+            for kind in ("weight", "bias"):  # the projections' biases with use_bias; the gates' always
+                if f"{pre}.mlstm_layer.q.{kind}" in single:
+                    fused[f"{pre}.mlstm_layer.qkv_opreact.{kind}"] = torch.cat(
+                        [single[f"{pre}.mlstm_layer.{n}.{kind}"] for n in ("q", "k", "v", "ogate_preact")]
+                    )
+                    fused[f"{pre}.ffn.proj_up_gate_z.{kind}"] = torch.cat(
+                        [single[f"{pre}.ffn.proj_up_gate.{kind}"], single[f"{pre}.ffn.proj_up.{kind}"]]
+                    )
                 fused[f"{pre}.mlstm_layer.ifgate_preact.{kind}"] = torch.cat(
                     [single[f"{pre}.mlstm_layer.{g}_preact.{kind}"] for g in ("igate", "fgate")]
                 )
-            fused[pre + ".ffn.proj_up_gate_z.weight"] = torch.cat(
-                [single[pre + ".ffn.proj_up_gate.weight"], single[pre + ".ffn.proj_up.weight"]]
-            )
-        elif not any(s in key for s in (".k.", ".v.", "gate_preact", "proj_up_gate.", "proj_up.")):
+        elif not any(s in key for s in (".q.", ".k.", ".v.", "gate_preact", "proj_up_gate.", "proj_up.")):
             fused[key] = value
     save_file(fused, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())

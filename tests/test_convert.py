@@ -82,9 +82,10 @@ def transformers_xlstm_dir(tmp_path: Path, fused: bool = False, **fields) -> tup
 
 @pytest.mark.parametrize(
     "fields",
-    # fields the built-in model does not read: it always has the output norm and never ties the head
-    [{}, {"tie_word_embeddings": True, "add_out_norm": False}],
-    ids=["defaults", "unread-fields"],
+    # fields the built-in model does not read: it always has the output norm and never ties the head; with use_bias
+    # its output norm alone has no bias (ours has one, zeroed on load)
+    [{}, {"tie_word_embeddings": True, "add_out_norm": False}, {"use_bias": True}],
+    ids=["defaults", "unread-fields", "use-bias"],
 )
 @pytest.mark.parametrize("fused", [False, True], ids=["single", "fused"])
 def test_transformers_builtin_parity(tmp_path, fused, fields):
@@ -99,6 +100,9 @@ def test_transformers_builtin_parity(tmp_path, fused, fields):
     ids = torch.randint(0, 101, (2, 37))
     with torch.no_grad():
         assert (ref(ids, use_cache=False).logits - ours(ids).logits).abs().max() <= ATOL
+    if fields.get("use_bias"):
+        assert ref.backbone.blocks[0].norm_mlstm.bias.abs().max() > 0  # the other biases are the checkpoint's
+        assert ref.backbone.out_norm.bias is None and not ours.backbone.out_norm.bias.any()
 
 
 def test_transformers_builtin_load_keeps_from_pretrained_options(tmp_path):

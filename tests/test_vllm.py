@@ -110,11 +110,12 @@ def save_tokenizer(path: Path) -> PreTrainedTokenizerFast:
 def builtin_checkpoint(path: Path) -> None:
     """transformers' built-in xLSTM (the NX-AI/xLSTM-7b layout, architectures ["xLSTMForCausalLM"]) in its
     weight_mode="fused" layout: q/k/v/output gate, input/forget gate and the feed-forward's up-projections each one
-    matrix (what the plugin's merged projections must split)."""
+    matrix (what the plugin's merged projections must split), biases included (`use_bias`; the built-in's output
+    norm alone has none, where ours has a zero one)."""
     from transformers.models.xlstm import xLSTMConfig as BuiltinConfig
     from transformers.models.xlstm import xLSTMForCausalLM as BuiltinModel
 
-    config = BuiltinConfig(vocab_size=VOCAB, hidden_size=128, num_blocks=2, num_heads=4, chunk_size=16)
+    config = BuiltinConfig(vocab_size=VOCAB, hidden_size=128, num_blocks=2, num_heads=4, chunk_size=16, use_bias=True)
     randomize_(BuiltinModel(config)).save_pretrained(path)
     config_json = json.loads((path / "config.json").read_text())
     assert config_json["architectures"] == ["xLSTMForCausalLM"] and config_json["model_type"] == "xlstm"

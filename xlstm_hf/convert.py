@@ -48,8 +48,9 @@ def config_from_transformers_xlstm(source: dict[str, Any], **overrides: Any) -> 
     built-in model reads it (its config class fills what the file leaves out): the stack has ``num_blocks`` blocks
     (``num_hidden_layers`` keeps its default of 32 when only ``num_blocks`` is given); the embeddings and blocks are
     ``embedding_dim`` wide, the output norm and head ``hidden_size``; the output norm is always there and without bias
-    (``add_out_norm`` is not read) and the head is never tied (``tie_word_embeddings`` is not read). Its kernel and mode
-    fields are choices of its implementation and have no counterpart. ``overrides`` set fields of ``xLSTMConfig``."""
+    (``add_out_norm`` is not read; with ``use_bias`` ours has one, zero on load: ``builtin_absent_weights``) and the
+    head is never tied (``tie_word_embeddings`` is not read). Its kernel and mode fields are choices of its
+    implementation and have no counterpart. ``overrides`` set fields of ``xLSTMConfig``."""
     builtin = CONFIG_MAPPING["xlstm"].from_dict(dict(source))
     where = "transformers xLSTM config"
     if builtin.embedding_dim != builtin.hidden_size:
@@ -169,6 +170,7 @@ def load_fused_transformers_xlstm(
     state = split_fused_xlstm_weights(state, config)
     state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = zero_builtin_absent_weights(model, missing)
     if missing or unexpected:
         raise ValueError(f"{path}: fused transformers xLSTM checkpoint: missing {missing}, unexpected {unexpected}")
     model = model.to(dtype).eval()
@@ -176,9 +178,31 @@ def load_fused_transformers_xlstm(
     return (model, info) if kwargs.get("output_loading_info") else model
 
 
-def check_transformers_xlstm_load(path: Any, info: dict[str, Any]) -> None:
+def builtin_absent_weights(config: xLSTMConfig, prefix: str = "backbone.") -> set[str]:
+    """The weights of xlstm_hf's layout that a checkpoint of transformers' built-in xLSTM lacks: with ``use_bias`` its
+    output norm still has no bias (the xlstm package's xLSTM-7B, which xlstm_hf follows, has one). A zero bias is the
+    built-in's norm exactly; ``prefix`` is where the backbone's weights live in the model loaded."""
+    return {f"{prefix}out_norm.bias"} if config.use_bias else set()
+
+
+@torch.no_grad()
+def zero_builtin_absent_weights(model: PreTrainedModel, missing: Any) -> list[str]:
+    """Zero the weights of ``builtin_absent_weights`` among ``missing`` (the keys a built-in checkpoint did not
+    hold); the keys still missing after that."""
+    prefix = "" if hasattr(model, "lm_head") else f"{model.base_model_prefix}."
+    absent = {k[len(prefix) :] for k in builtin_absent_weights(model.config) if k.startswith(prefix)}
+    for key in absent & set(missing):
+        model.get_parameter(key).zero_()
+    return [k for k in missing if k not in absent]
+
+
+def check_transformers_xlstm_load(path: Any, model: PreTrainedModel, info: dict[str, Any]) -> None:
     """After ``from_pretrained`` of a transformers xLSTM checkpoint (``weight_mode="single"``, our names): raise
-    unless every weight was found and used (the built-in never ties the head, so none may be missing)."""
+    unless every weight was found and used (the built-in never ties the head, so none may be missing) but those it
+    never has (``builtin_absent_weights``: zeroed)."""
+    info["missing_keys"] = type(info.get("missing_keys", []))(
+        zero_builtin_absent_weights(model, info.get("missing_keys", []))
+    )
     problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if problems:
         raise ValueError(f"{path}: the transformers xLSTM checkpoint does not map onto xlstm_hf's layout: {problems}")

@@ -492,7 +492,7 @@ class xLSTMHFPreTrainedModel(PreTrainedModel):
             return load_fused_transformers_xlstm(cls, path, config, kwargs)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(path, *model_args, config=config, output_loading_info=True, **kwargs)
-        check_transformers_xlstm_load(path, info)
+        check_transformers_xlstm_load(path, model, info)
         return (model, info) if want_info else model
 
     @torch.no_grad()

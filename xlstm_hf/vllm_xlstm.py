@@ -39,6 +39,7 @@ from vllm.v1.attention.backends.mamba_attn import BaseMambaAttentionMetadata, Ba
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 
 from .configuration_xlstm import xLSTMConfig
+from .convert import builtin_absent_weights
 from .mlstm_naive import empty_state
 from .modeling_xlstm import (
     FFN_ACTIVATION_FUNCTIONS,
@@ -448,6 +449,9 @@ class xLSTMvLLMForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
         super().__init__()
         config = xlstm_config(vllm_config.model_config.hf_config)
         self.config = config
+        # a checkpoint of transformers' built-in xLSTM lacks these weights of ours (zero: convert.py)
+        builtin = getattr(vllm_config.model_config.hf_config, "model_type", None) == "xlstm"
+        self.builtin_absent = builtin_absent_weights(config) if builtin else set()
         self.backbone = Backbone(config, f"{prefix}backbone")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, prefix=f"{prefix}lm_head")
         if config.tie_word_embeddings:
@@ -514,6 +518,10 @@ class xLSTMvLLMForCausalLM(nn.Module, HasInnerState, IsAttentionFree):
                 param = params[name]
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(param_name)
+        for name in self.builtin_absent - loaded:
+            with torch.no_grad():
+                params[name].zero_()
+            loaded.add(name)
         return loaded
 
 
