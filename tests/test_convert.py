@@ -105,6 +105,19 @@ def test_transformers_builtin_parity(tmp_path, fused, fields):
         assert ref.backbone.out_norm.bias is None and not ours.backbone.out_norm.bias.any()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["single", "fused"])
+def test_transformers_builtin_backbone_alone(tmp_path, fused):
+    """xLSTMModel from a built-in causal-LM checkpoint, as a base model loads from any: the head is left out, every
+    other weight used (the output norm's bias, which the built-in lacks, zero)."""
+    path, ref = transformers_xlstm_dir(tmp_path, fused, use_bias=True)
+    base, info = xlstm_hf.xLSTMModel.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    ids = torch.randint(0, 101, (2, 19))
+    with torch.no_grad():
+        want = ref.backbone(ids, use_cache=False).last_hidden_state
+        assert (want - base.eval()(ids).last_hidden_state).abs().max() <= ATOL
+
+
 def test_transformers_builtin_load_keeps_from_pretrained_options(tmp_path):
     """dtype, loading info and config overrides as for any checkpoint; the fused layout refuses what it cannot do."""
     path, _ = transformers_xlstm_dir(tmp_path)

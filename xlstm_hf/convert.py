@@ -199,10 +199,13 @@ def zero_builtin_absent_weights(model: PreTrainedModel, missing: Any) -> list[st
 def check_transformers_xlstm_load(path: Any, model: PreTrainedModel, info: dict[str, Any]) -> None:
     """After ``from_pretrained`` of a transformers xLSTM checkpoint (``weight_mode="single"``, our names): raise
     unless every weight was found and used (the built-in never ties the head, so none may be missing) but those it
-    never has (``builtin_absent_weights``: zeroed)."""
+    never has (``builtin_absent_weights``: zeroed) and, for the backbone alone, the head."""
     info["missing_keys"] = type(info.get("missing_keys", []))(
         zero_builtin_absent_weights(model, info.get("missing_keys", []))
     )
+    if not hasattr(model, "lm_head"):  # the backbone alone (xLSTMModel, AutoModel): the head is not used, as anywhere
+        unexpected = info.get("unexpected_keys", [])
+        info["unexpected_keys"] = type(unexpected)(k for k in unexpected if not k.startswith("lm_head."))
     problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
     if problems:
         raise ValueError(f"{path}: the transformers xLSTM checkpoint does not map onto xlstm_hf's layout: {problems}")
