@@ -19,6 +19,13 @@
    CUDA and scripts/benchmark_serving.py --cuda (issue 22).
 Writes one JSON (device, versions, every figure, pass/fail) and exits non-zero when a check failed. It needs CUDA and
 says so otherwise. It has not yet run on a GPU: its run time there is unmeasured.
+
+On the GPU machines this project is lent (`.library/device/KINDS.md`, read 2026-12-07): Python 3.12 with torch
+2.11.0, triton 3.6.0 and transformers 5.17.0 in its image, below xlstm_hf's declared torch and transformers ranges,
+and nothing can be installed there but wheels carried in a 64 MiB working tree (torch, and vLLM's 326 MB CUDA wheel
+with its torch 2.13 and flashinfer, cannot). So the check runs on that image's packages as they are: here,
+transformers 5.17.0 passes the generation, cache and modeling tests, and triton 3.6.0 compiles every kernel launch
+within its limits (benchmarks/RESULTS.md, "GPU kernel compile figures"). Step 5 needs a machine with vLLM installed.
 """
 
 from __future__ import annotations
