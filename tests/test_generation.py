@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import generated_cache, left_padded, randomize_, tiny_config
+from conftest import generated_cache, left_padded, raises_naming, randomize_, tiny_config
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TextStreamer
 
 import xlstm_hf
@@ -295,6 +295,25 @@ def test_generate_continues_from_a_cache():
     cont = model.generate(text, cache=cache, max_new_tokens=5, do_sample=False)
     ref = model.generate(text, max_new_tokens=5, do_sample=False)
     assert torch.equal(cont, ref)
+
+
+def test_the_cache_under_its_name_before_transformers_5_24():
+    """Before 5.24 transformers calls the cache `past_key_values` (generate()'s argument and output, the model's
+    input and output): the model takes it under that name, its outputs answer to it, and generate() continues from a
+    cache passed so on every release of the range. Two different caches under both names are refused."""
+    model = make()
+    text = torch.randint(1, 96, (1, 9))
+    with torch.no_grad():
+        out = model(text[:, :6], use_cache=True)
+        assert out.past_key_values is out.cache
+        assert model.backbone(text[:, :6], use_cache=True).past_key_values is not None
+        other = model(text[:, :6], use_cache=True).cache
+        with raises_naming("cache", "past_key_values"):
+            model(text[:, 6:], cache=out.cache, past_key_values=other)
+        nxt = model(text[:, 6:7], past_key_values=out.cache).logits
+        torch.testing.assert_close(nxt, model(text[:, :7]).logits[:, -1:], atol=1e-5, rtol=1e-5)
+    cont = model.generate(text, past_key_values=other, max_new_tokens=5, do_sample=False)
+    assert torch.equal(cont, model.generate(text, max_new_tokens=5, do_sample=False))
 
 
 def test_long_prompt_prefills_in_bounded_memory():

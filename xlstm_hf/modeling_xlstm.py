@@ -609,6 +609,8 @@ class xLSTMHFModel(xLSTMHFPreTrainedModel):
         or cu_seq_lens_q) run every document from an empty state."""
         for other_name in ("past_key_values", "cache_params"):  # the cache's names before transformers 5.24, Mamba's
             given = kwargs.pop(other_name, None)
+            if given is not None and cache is not None and given is not cache:
+                raise ValueError(f"got both `cache` and `{other_name}`: pass the cache once")
             cache = given if given is not None else cache
         check_model_inputs(self.config, input_ids, inputs_embeds, attention_mask, cache, self.embeddings.weight.dtype)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
@@ -809,15 +811,15 @@ class xLSTMHFForCausalLM(xLSTMHFPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
+        past_key_values: xLSTMCache | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
         """The inputs of one generate() step: the new tokens (or the prompt's embeddings at the first step), the
         cache, and the attention mask of the new tokens only (the state carries the rest; an all-ones mask is
         dropped), no position ids. Written out rather than built on GenerationMixin's, which inspects the forward
-        signature of remote-code models at every step. The cache comes as `past_key_values` before transformers 5.24."""
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_values", None)
+        signature of remote-code models at every step. The cache comes as `past_key_values` before transformers 5.24
+        (named here, so that generate() of those releases admits a user's `past_key_values`)."""
+        cache = cache if cache is not None else past_key_values
         if inputs_embeds is not None and is_first_iteration:
             embeds = inputs_embeds if next_sequence_length is None else inputs_embeds[:, -next_sequence_length:]
             inputs: dict[str, Any] = {"input_ids": None, "inputs_embeds": embeds.contiguous()}
