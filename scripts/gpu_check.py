@@ -185,8 +185,11 @@ def model_configs():
 
 
 def check_models(records: list) -> None:
-    """Backend equality: three AdamW steps in float32 ("highest") from the same weights, then greedy generation."""
+    """Backend equality: three AdamW steps in float32 ("highest") from the same weights, then greedy generation, and
+    prompt lookup decoding equal to greedy where transformers has the cache rollback protocol (5.25 on; the lent
+    machines' image holds 5.17: recorded as skipped there)."""
     import xlstm_hf
+    from xlstm_hf.cache_xlstm import HAS_ROLLBACK_PROTOCOL
 
     for label, config in model_configs().items():
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -209,18 +212,22 @@ def check_models(records: list) -> None:
                     tokens = model.generate(ids[:2, :32], max_new_tokens=24, do_sample=False)
                     # speculative decoding: the fused step under a recording cache (states kept, then rolled back)
                     prompt = ids[:1, :32].repeat(1, 2)
-                    greedy = model.generate(prompt, max_new_tokens=24, do_sample=False)
-                    lookup = model.generate(prompt, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+                    lookup = None
+                    if HAS_ROLLBACK_PROTOCOL:
+                        greedy = model.generate(prompt, max_new_tokens=24, do_sample=False)
+                        fast = model.generate(prompt, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
+                        lookup = torch.equal(greedy, fast)
             params = torch.cat([p.detach().flatten() for p in model.parameters()])
-            runs[backend] = dict(losses=losses, params=params, tokens=tokens, lookup=torch.equal(greedy, lookup))
+            runs[backend] = dict(losses=losses, params=params, tokens=tokens, lookup=lookup)
         t, r = runs["triton"], runs["torch"]
         loss_err = max(abs(a - b) / abs(b) for a, b in zip(t["losses"], r["losses"], strict=True))
         param_err = rel_err(t["params"], r["params"])
         same_tokens = torch.equal(t["tokens"], r["tokens"])
-        lookup = t["lookup"] and r["lookup"]
-        passed = loss_err <= 1e-4 and param_err <= 1e-3 and same_tokens and lookup
+        lookup = None if t["lookup"] is None else t["lookup"] and r["lookup"]
+        passed = loss_err <= 1e-4 and param_err <= 1e-3 and same_tokens and lookup is not False
         print(f"{'ok' if passed else 'FAIL':4s} model {label:42s} loss rel err {loss_err:.1e}, params {param_err:.1e}, "
-              f"tokens equal {same_tokens}, prompt lookup = greedy {lookup}", flush=True)  # fmt: skip
+              f"tokens equal {same_tokens}, prompt lookup = greedy "
+              f"{'skipped (transformers < 5.25)' if lookup is None else lookup}", flush=True)  # fmt: skip
         records.append(
             dict(
                 name=f"model {label}",
@@ -228,7 +235,7 @@ def check_models(records: list) -> None:
                 loss_rel_err=loss_err,
                 param_rel_err=param_err,
                 tokens_equal=same_tokens,
-                prompt_lookup_equals_greedy=lookup,
+                prompt_lookup_equals_greedy=lookup,  # None: skipped, transformers < 5.25 has no cache rollback
                 passed=passed,
             )
         )
