@@ -50,6 +50,12 @@ TRANSFORMERS_FACING = [
     "tests/test_trl.py",
     "tests/test_peft_remote.py",
     "tests/test_context_parallel.py",  # ContextParallelTrainer leans on the Trainer's data loading and cp-size hooks
+    "tests/test_quantisers.py",  # from_pretrained with bitsandbytes and quanto configs
+    "tests/test_user_flows.py",  # examples/train.py's arguments and Trainer flows
+    "tests/test_continuous_batching_and_smoothing.py",  # transformers serve's refusal, the Trainer's label smoother
+    "tests/test_distributed.py",  # train.py under torchrun (the Trainer's DDP), device_map placement
+    "tests/test_train_push.py",  # train.py --push_to_repo through transformers' Hub code
+    "tests/test_hub_server.py",  # from_pretrained / push_to_hub against the loopback Hub
 ]
 
 # pytest options whose next argument is a value, not a path to select.

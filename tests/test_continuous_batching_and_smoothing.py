@@ -71,14 +71,19 @@ def test_every_continuous_batching_entry_point_is_refused():
 def test_transformers_serve_continuous_batching_is_refused():
     """`transformers serve` treats the model as a text LLM (the registration below puts it in the causal-LM table) and
     starts continuous batching, when enabled, through `init_continuous_batching` in CBGenerateRunner."""
-    from transformers.cli.serving.model_manager import ModelLoader
-    from transformers.cli.serving.utils import CBGenerateRunner, Modality
+    from transformers import GenerationConfig
+    from transformers.cli.serving import model_manager, utils
 
     model = make("paper")
     model.config.architectures = [type(model).__name__]
-    assert ModelLoader.get_model_modality(model.config, None) == Modality.LLM
+    if hasattr(model_manager, "ModelLoader"):  # transformers 5.25
+        assert model_manager.ModelLoader.get_model_modality(model.config, None) == utils.Modality.LLM
+        start = lambda: utils.CBGenerateRunner(model, None, send_results=lambda *args: None, cb_config=None)  # noqa: E731
+    else:  # before: the manager of the served models, and the continuous-batching manager in utils
+        assert model_manager.ModelManager.get_model_modality(model, None) == utils.Modality.LLM
+        start = lambda: utils.CBGenerateManager(None).init_cb(model, GenerationConfig())  # noqa: E731
     with raises_naming("generate()", error=NotImplementedError):
-        CBGenerateRunner(model, None, send_results=lambda *args: None, cb_config=None)
+        start()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
