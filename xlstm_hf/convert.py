@@ -189,9 +189,9 @@ def builtin_absent_weights(config: xLSTMConfig, prefix: str = "backbone.") -> se
 def zero_builtin_absent_weights(model: PreTrainedModel, missing: Any) -> list[str]:
     """Zero the weights of ``builtin_absent_weights`` among ``missing`` (the keys a built-in checkpoint did not
     hold); the keys still missing after that."""
-    prefix = "" if hasattr(model, "lm_head") else f"{model.base_model_prefix}."
-    absent = {k[len(prefix) :] for k in builtin_absent_weights(model.config) if k.startswith(prefix)}
-    for key in absent & set(missing):
+    prefix = f"{model.base_model_prefix}." if hasattr(model, "lm_head") else ""  # the backbone alone: none
+    absent = builtin_absent_weights(model.config, prefix) & set(missing)
+    for key in absent:
         model.get_parameter(key).zero_()
     return [k for k in missing if k not in absent]
 
