@@ -211,9 +211,9 @@ def check_models(records: list) -> None:
                 with torch.no_grad():
                     tokens = model.generate(ids[:2, :32], max_new_tokens=24, do_sample=False)
                     # speculative decoding: the fused step under a recording cache (states kept, then rolled back)
-                    prompt = ids[:1, :32].repeat(1, 2)
                     lookup = None
                     if HAS_ROLLBACK_PROTOCOL:
+                        prompt = ids[:1, :32].repeat(1, 2)
                         greedy = model.generate(prompt, max_new_tokens=24, do_sample=False)
                         fast = model.generate(prompt, max_new_tokens=24, do_sample=False, prompt_lookup_num_tokens=4)
                         lookup = torch.equal(greedy, fast)
